@@ -1,0 +1,223 @@
+"""EdSmart settings: one module, everything that varies read from the environment.
+
+Every reader fails loudly (see ``edsmart.env``): a malformed value stops the process at start-up
+instead of being silently replaced by a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edsmart.env import (
+    ConfigError,
+    database_from_url,
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DEBUG", default=False)
+
+SECRET_KEY = env_str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ConfigError("SECRET_KEY must be set when DEBUG is off")
+    SECRET_KEY = "insecure-development-key-only-used-with-DEBUG-on"  # noqa: S105
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"] if DEBUG else [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_celery_beat",
+    "slips",
+    "notifications",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "edsmart.urls"
+WSGI_APPLICATION = "edsmart.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "edsmart" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": database_from_url(
+        env_str("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/edsmart")
+    )
+}
+DATABASES["default"]["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", default=60, minimum=0)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-au"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if not DEBUG
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+
+LOGIN_URL = "admin:login"
+
+# --- Email -------------------------------------------------------------------------------------
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", default="django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = env_str("EMAIL_HOST", default="127.0.0.1")
+EMAIL_PORT = env_int("EMAIL_PORT", default=1025, minimum=1)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", default=False)
+# Django's default is to wait forever; a stalled mail server would then pin a worker for good.
+EMAIL_TIMEOUT = env_float("EMAIL_TIMEOUT", default=10.0, minimum=0.1)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", default="noreply@edsmart.localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+SITE_URL = env_str("SITE_URL", default="http://127.0.0.1:8000").rstrip("/")
+
+# --- Send pipeline (see ../shared/DESIGN.md) ---------------------------------------------------
+EDSMART_BATCH_SIZE = env_int("EDSMART_BATCH_SIZE", default=100, minimum=1)
+EDSMART_BATCH_PARALLELISM = env_int("EDSMART_BATCH_PARALLELISM", default=4, minimum=1)
+EDSMART_MAX_ATTEMPTS = env_int("EDSMART_MAX_ATTEMPTS", default=5, minimum=1)
+EDSMART_RETRY_BASE_SECONDS = env_float("EDSMART_RETRY_BASE_SECONDS", default=60.0, minimum=0)
+EDSMART_RETRY_MAX_SECONDS = env_float("EDSMART_RETRY_MAX_SECONDS", default=3600.0, minimum=0)
+# A claim covers the whole batch; a submitting lease covers one SMTP exchange.
+EDSMART_CLAIM_LEASE_SECONDS = env_float("EDSMART_CLAIM_LEASE_SECONDS", default=120.0, minimum=1)
+EDSMART_SUBMIT_LEASE_SECONDS = env_float(
+    "EDSMART_SUBMIT_LEASE_SECONDS", default=EMAIL_TIMEOUT * 3 + 30, minimum=1
+)
+# What happens to an ``unknown`` outcome: "hold" for a person, or "resend" when the backend is
+# listed in EDSMART_IDEMPOTENT_BACKENDS and the idempotency window has not passed.
+EDSMART_UNKNOWN_POLICY = env_str("EDSMART_UNKNOWN_POLICY", default="hold")
+if EDSMART_UNKNOWN_POLICY not in {"hold", "resend"}:
+    raise ConfigError("EDSMART_UNKNOWN_POLICY must be 'hold' or 'resend'")
+EDSMART_IDEMPOTENT_BACKENDS = env_list("EDSMART_IDEMPOTENT_BACKENDS", default=[])
+EDSMART_IDEMPOTENCY_WINDOW_SECONDS = env_float(
+    "EDSMART_IDEMPOTENCY_WINDOW_SECONDS", default=24 * 3600.0, minimum=0
+)
+EDSMART_SWEEP_STALE_SECONDS = env_float("EDSMART_SWEEP_STALE_SECONDS", default=30.0, minimum=1)
+EDSMART_MAX_BODY_BYTES = env_int("EDSMART_MAX_BODY_BYTES", default=100 * 1024, minimum=1)
+
+# --- Celery (see DESIGN.md "Celery settings that matter") ---------------------------------------
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", default=240, minimum=1)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", default=300, minimum=1)
+CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", default=3600, minimum=60)
+if CELERY_TASK_TIME_LIMIT * 2 > CELERY_VISIBILITY_TIMEOUT:
+    raise ConfigError("CELERY_TASK_TIME_LIMIT must stay far below CELERY_VISIBILITY_TIMEOUT")
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_VISIBILITY_TIMEOUT}
+CELERY_TASK_DEFAULT_QUEUE = "periodic"
+CELERY_TASK_ROUTES = {
+    "notifications.tasks.send_batch": {"queue": "send"},
+    "notifications.tasks.*": {"queue": "periodic"},
+}
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_WORKER_SEND_TASK_EVENTS = True
+CELERY_TASK_SEND_SENT_EVENT = True
+# Celery's Django fixup closes the DB connection after every task unless this is set.
+CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", default=1000, minimum=0)
+CELERY_TIMEZONE = "UTC"
+
+# --- Ops -----------------------------------------------------------------------------------------
+SENTRY_DSN = env_str("SENTRY_DSN", default="")
+FLOWER_BASIC_AUTH = env_str("FLOWER_BASIC_AUTH", default="")
+
+LOG_JSON = env_bool("LOG_JSON", default=not DEBUG)
+LOG_LEVEL = env_str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "json" if LOG_JSON else "plain"}
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {"django.db.backends": {"level": "INFO"}},
+}
+
+# --- Security (production defaults; `manage.py check --deploy` must be clean with DEBUG off) ---
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = False
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+if not DEBUG:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", default=True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", default=31536000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", default=[])
+
+if SENTRY_DSN:
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+    from sentry_sdk.integrations.django import DjangoIntegration
+
+    sentry_sdk.init(
+        dsn=SENTRY_DSN,
+        integrations=[DjangoIntegration(), CeleryIntegration(monitor_beat_tasks=True)],
+        send_default_pii=False,
+        traces_sample_rate=env_float("SENTRY_TRACES_SAMPLE_RATE", default=0.0, minimum=0),
+        environment=env_str("SENTRY_ENVIRONMENT", default="production"),
+    )

@@ -1,0 +1,8 @@
+"""URL routes: the staff admin, parents' pages and ops endpoints."""
+
+from django.contrib import admin
+from django.urls import path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+]

@@ -1,0 +1,211 @@
+"""Mailings (one per message) and their deliveries (one per recipient address).
+
+A *mailing* is what DESIGN.md calls a message: one slip, one broadcast, or one reminder round
+of a slip, with its content frozen at dispatch so that an edit during sending cannot make two
+parents read two versions. A *delivery* is one (mailing, normalized email) pair. The unique
+constraint on that pair is what makes a fan-out that runs twice create nothing new.
+
+Delivery state machine (every arrow is one conditional UPDATE in ``notifications.pipeline``):
+
+```
+pending --claim--> claimed --start--> submitting --250--> sent
+   ^                  |                   |--4xx before DATA, refused--> retry_wait --due--> claimed
+   |--lease expired---+                   |--5xx, invalid, attempts exhausted--> failed
+                                          |--timeout/reset after DATA, lease expired--> unknown
+unknown --late confirmation / resolve--> sent | failed | pending (resend)
+pending/claimed/retry_wait --cancel--> cancelled
+(fan-out of a suppressed address) --> skipped
+```
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from slips.models import Broadcast, School, Slip
+
+
+class Mailing(models.Model):
+    class Kind(models.TextChoices):
+        SLIP = "slip", "Slip"
+        BROADCAST = "broadcast", "Broadcast"
+        REMINDER = "reminder", "Slip reminder"
+
+    class Status(models.TextChoices):
+        SENDING = "sending", "Sending"
+        PAUSED = "paused", "Paused"
+        COMPLETED = "completed", "Completed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    school = models.ForeignKey(School, on_delete=models.CASCADE, related_name="mailings")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    slip = models.ForeignKey(
+        Slip, on_delete=models.CASCADE, null=True, blank=True, related_name="mailings"
+    )
+    broadcast = models.ForeignKey(
+        Broadcast, on_delete=models.CASCADE, null=True, blank=True, related_name="mailings"
+    )
+    round = models.PositiveSmallIntegerField(
+        default=0, help_text="0 for the first send of a slip; 1, 2 … for reminder rounds."
+    )
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.SENDING, db_index=True
+    )
+    subject = models.CharField(max_length=250)
+    body = models.TextField()
+    recipient_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["slip", "round"],
+                condition=Q(slip__isnull=False),
+                name="mailing_one_per_slip_round",
+            ),
+            models.UniqueConstraint(
+                fields=["broadcast"],
+                condition=Q(broadcast__isnull=False),
+                name="mailing_one_per_broadcast",
+            ),
+            models.CheckConstraint(
+                condition=(Q(kind="broadcast", broadcast__isnull=False, slip__isnull=True))
+                | (Q(kind__in=["slip", "reminder"], slip__isnull=False, broadcast__isnull=True)),
+                name="mailing_kind_matches_source",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        label = self.get_kind_display()
+        if self.kind == self.Kind.REMINDER:
+            label = f"{label} {self.round}"
+        return f"#{self.pk} {label}: {self.subject}"
+
+    @property
+    def source(self) -> Slip | Broadcast:
+        return self.slip if self.slip_id else self.broadcast  # type: ignore[return-value]
+
+
+class DeliveryStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    CLAIMED = "claimed", "Claimed"
+    SUBMITTING = "submitting", "Submitting"
+    SENT = "sent", "Sent"
+    RETRY_WAIT = "retry_wait", "Waiting to retry"
+    FAILED = "failed", "Failed"
+    UNKNOWN = "unknown", "Unknown outcome"
+    CANCELLED = "cancelled", "Cancelled"
+    SKIPPED = "skipped", "Skipped"
+
+
+TERMINAL_STATUSES = frozenset(
+    {
+        DeliveryStatus.SENT,
+        DeliveryStatus.FAILED,
+        DeliveryStatus.UNKNOWN,
+        DeliveryStatus.CANCELLED,
+        DeliveryStatus.SKIPPED,
+    }
+)
+
+
+class Delivery(models.Model):
+    mailing = models.ForeignKey(Mailing, on_delete=models.CASCADE, related_name="deliveries")
+    school = models.ForeignKey(School, on_delete=models.CASCADE, related_name="deliveries")
+    email = models.CharField(max_length=254)
+    email_normalized = models.CharField(max_length=254)
+    recipient_name = models.CharField(max_length=200, blank=True)
+    guardian_ids = models.JSONField(default=list, blank=True)
+    student_ids = models.JSONField(default=list, blank=True)
+    status = models.CharField(
+        max_length=16, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING
+    )
+    # The fencing token: bumped by every claim, required by every later transition.
+    attempt = models.PositiveIntegerField(default=0)
+    lease_until = models.DateTimeField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    message_id_header = models.CharField(max_length=250, blank=True)
+    provider_id = models.CharField(max_length=250, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["mailing", "email_normalized"], name="delivery_one_per_mailing_address"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["mailing", "status"]),
+            models.Index(
+                fields=["status", "next_attempt_at"],
+                condition=Q(status__in=["pending", "retry_wait"]),
+                name="delivery_claimable",
+            ),
+            models.Index(
+                fields=["status", "lease_until"],
+                condition=Q(status__in=["claimed", "submitting"]),
+                name="delivery_leased",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.email} ({self.get_status_display()})"
+
+
+class DeliveryEvent(models.Model):
+    """One row per state change: the audit log, and the record of every accepted send.
+
+    ``to_status == 'sent'`` rows are what the duplicate check counts: more than one per
+    delivery means a recipient got the message twice.
+    """
+
+    delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="events")
+    attempt = models.PositiveIntegerField()
+    from_status = models.CharField(max_length=16, choices=DeliveryStatus.choices)
+    to_status = models.CharField(max_length=16, choices=DeliveryStatus.choices)
+    detail = models.TextField(blank=True)
+    actor = models.CharField(max_length=150, blank=True, help_text="Who resolved it, if a person.")
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["to_status", "delivery"])]
+
+    def __str__(self) -> str:
+        return f"{self.from_status} → {self.to_status} (attempt {self.attempt})"
+
+
+class SendingSwitch(models.Model):
+    """The global pause switch: a single row (id=1) that every claim consults."""
+
+    paused = models.BooleanField(default=False)
+    changed_at = models.DateTimeField(auto_now=True)
+    changed_by = models.CharField(max_length=150, blank=True)
+    reason = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        verbose_name = "global sending switch"
+
+    def __str__(self) -> str:
+        return "Sending paused" if self.paused else "Sending running"
+
+    @classmethod
+    def current(cls) -> SendingSwitch:
+        obj, _ = cls.objects.get_or_create(pk=1)
+        return obj
+
+
+def sender_of(school: School) -> str:
+    from email.utils import formataddr
+
+    return formataddr((school.display_sender_name, settings.DEFAULT_FROM_EMAIL))

@@ -1,0 +1,150 @@
+"""What staff do to slips and broadcasts: create, schedule, pause, resume, cancel.
+
+Each state change is one conditional UPDATE (``filter(status__in=...).update(...)``) whose row
+count decides whether it happened, so two staff clicking at once, or a click racing the
+dispatcher, cannot both win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TypeVar
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from slips.audiences import audience_recipient_count
+from slips.models import (
+    Broadcast,
+    SendStatus,
+    Slip,
+    validate_body_size,
+    validate_single_line,
+)
+
+Message = TypeVar("Message", Slip, Broadcast)
+
+# Scheduling "now" from a form takes a moment; a send time this far in the past still counts.
+PAST_TOLERANCE = dt.timedelta(minutes=1)
+
+
+def message_validate_for_schedule(*, message: Slip | Broadcast, send_at: dt.datetime) -> None:
+    """Every reason a message cannot be scheduled, as one ValidationError keyed by field."""
+    errors: dict[str, list[str]] = {}
+
+    def add(field: str, text: str) -> None:
+        errors.setdefault(field, []).append(text)
+
+    for field, validator in (("title", validate_single_line), ("body", validate_body_size)):
+        try:
+            validator(getattr(message, field))
+        except ValidationError as exc:
+            for text in exc.messages:
+                add(field, text)
+    if not message.body.strip():
+        add("body", "The message has no body.")
+    if message.audience_id is None:
+        add("audience", "Choose an audience.")
+    elif message.audience.school_id != message.school_id:
+        add("audience", "The audience belongs to another school.")
+    elif audience_recipient_count(message.audience) == 0:
+        add("audience", "This audience has no guardian who receives email.")
+    if send_at < timezone.now() - PAST_TOLERANCE:
+        add("send_at", "The send time is in the past.")
+    if isinstance(message, Slip) and message.due_at is not None and message.due_at <= send_at:
+        add("due_at", "The due date must be after the send time.")
+    if errors:
+        raise ValidationError(errors)
+
+
+def message_schedule(*, message: Message, send_at: dt.datetime | None = None) -> Message:
+    """draft → scheduled. ``send_at`` defaults to the message's own, or now."""
+    send_at = send_at or message.send_at or timezone.now()
+    message_validate_for_schedule(message=message, send_at=send_at)
+    updated = (
+        type(message)
+        .objects.filter(pk=message.pk, status=SendStatus.DRAFT)
+        .update(status=SendStatus.SCHEDULED, send_at=send_at, updated_at=timezone.now())
+    )
+    if not updated:
+        message.refresh_from_db(fields=["status"])
+        raise ValidationError(f"Only a draft can be scheduled; this one is {message.status}.")
+    message.refresh_from_db()
+    return message
+
+
+def message_unschedule(*, message: Message) -> Message:
+    """scheduled → draft, for editing before the send time."""
+    updated = (
+        type(message)
+        .objects.filter(pk=message.pk, status=SendStatus.SCHEDULED)
+        .update(status=SendStatus.DRAFT, updated_at=timezone.now())
+    )
+    if not updated:
+        raise ValidationError("Only a scheduled message that has not started can go back to draft.")
+    message.refresh_from_db()
+    return message
+
+
+def message_pause(*, message: Message) -> Message:
+    """scheduled/sending → paused. Workers stop before their next delivery of it."""
+    from notifications.pipeline import mailings_pause
+
+    with transaction.atomic():
+        updated = (
+            type(message)
+            .objects.filter(pk=message.pk, status__in=[SendStatus.SCHEDULED, SendStatus.SENDING])
+            .update(status=SendStatus.PAUSED, updated_at=timezone.now())
+        )
+        if not updated:
+            raise ValidationError("Only a scheduled or sending message can be paused.")
+        mailings_pause(source=message)
+    message.refresh_from_db()
+    return message
+
+
+def message_resume(*, message: Message) -> Message:
+    """paused → sending (already fanned out) or scheduled (not yet due or not yet dispatched)."""
+    from notifications.pipeline import mailings_resume
+
+    with transaction.atomic():
+        model = type(message)
+        updated = model.objects.filter(
+            pk=message.pk, status=SendStatus.PAUSED, dispatched_at__isnull=False
+        ).update(status=SendStatus.SENDING, updated_at=timezone.now())
+        if updated:
+            mailings_resume(source=message)
+        else:
+            updated = model.objects.filter(
+                pk=message.pk, status=SendStatus.PAUSED, dispatched_at__isnull=True
+            ).update(status=SendStatus.SCHEDULED, updated_at=timezone.now())
+        if not updated:
+            raise ValidationError("Only a paused message can be resumed.")
+    message.refresh_from_db()
+    return message
+
+
+def message_cancel(*, message: Message) -> Message:
+    """Stop for good. Deliveries not yet submitted are cancelled; sent ones stay sent."""
+    from notifications.pipeline import mailings_cancel
+
+    with transaction.atomic():
+        updated = (
+            type(message)
+            .objects.filter(
+                pk=message.pk,
+                status__in=[
+                    SendStatus.DRAFT,
+                    SendStatus.SCHEDULED,
+                    SendStatus.SENDING,
+                    SendStatus.PAUSED,
+                ],
+            )
+            .update(status=SendStatus.CANCELLED, updated_at=timezone.now())
+        )
+        if not updated:
+            raise ValidationError("This message has already finished or been cancelled.")
+        mailings_cancel(source=message)
+    message.refresh_from_db()
+    return message

@@ -1,0 +1,111 @@
+"""Factory functions for tests: small, explicit, and always tenant-correct."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from slips.models import (
+    Audience,
+    Broadcast,
+    Group,
+    Guardian,
+    Membership,
+    School,
+    SendStatus,
+    Slip,
+    Student,
+)
+
+_seq = itertools.count(1)
+
+
+def make_school(*, slug: str | None = None, **fields: object) -> School:
+    n = next(_seq)
+    slug = slug or f"school-{n}"
+    fields.setdefault("name", f"School {slug}")
+    fields.setdefault("sender_email", f"office@{slug}.example.org")
+    fields.setdefault("time_zone", "Australia/Sydney")
+    return School.objects.create(slug=slug, **fields)
+
+
+def make_staff(
+    *, school: School, username: str | None = None, role: str = Membership.Role.ADMIN
+) -> object:
+    user = get_user_model().objects.create_user(
+        username=username or f"staff{next(_seq)}", password="pw-for-tests-only", is_staff=True
+    )
+    Membership.objects.create(user=user, school=school, role=role)
+    return user
+
+
+def make_student(*, school: School, **fields: object) -> Student:
+    n = next(_seq)
+    fields.setdefault("first_name", f"Kid{n}")
+    fields.setdefault("last_name", "Tester")
+    fields.setdefault("year_level", "3")
+    return Student.objects.create(school=school, **fields)
+
+
+def make_guardian(
+    *, school: School, students: list[Student] = (), email: str | None = None, **fields: object
+) -> Guardian:
+    n = next(_seq)
+    fields.setdefault("name", f"Parent{n}")
+    guardian = Guardian.objects.create(
+        school=school, email=email if email is not None else f"parent{n}@example.net", **fields
+    )
+    guardian.students.set(students)
+    return guardian
+
+
+def make_family(
+    *, school: School, children: int = 1, guardians: int = 1, group: Group | None = None
+) -> tuple[list[Student], list[Guardian]]:
+    kids = [make_student(school=school) for _ in range(children)]
+    adults = [make_guardian(school=school, students=kids) for _ in range(guardians)]
+    if group is not None:
+        group.students.add(*kids)
+    return kids, adults
+
+
+def make_group(*, school: School, name: str | None = None, kind: str = Group.Kind.CLASS) -> Group:
+    return Group.objects.create(school=school, name=name or f"Class {next(_seq)}", kind=kind)
+
+
+def make_audience(
+    *,
+    school: School,
+    whole_school: bool = True,
+    groups: list[Group] = (),
+    students: list[Student] = (),
+) -> Audience:
+    audience = Audience.objects.create(
+        school=school, name=f"Audience {next(_seq)}", whole_school=whole_school
+    )
+    audience.groups.set(groups)
+    audience.students.set(students)
+    return audience
+
+
+def _sendable_fields(school: School, audience: Audience | None, fields: dict) -> dict:
+    fields.setdefault("title", f"Message {next(_seq)}")
+    fields.setdefault("body", "Hello families,\n\nPlease read this.")
+    fields.setdefault("status", SendStatus.DRAFT)
+    fields.setdefault("audience", audience or make_audience(school=school))
+    return fields
+
+
+def make_slip(*, school: School, audience: Audience | None = None, **fields: object) -> Slip:
+    fields = _sendable_fields(school, audience, fields)
+    fields.setdefault("due_at", timezone.now() + dt.timedelta(days=7))
+    return Slip.objects.create(school=school, **fields)
+
+
+def make_broadcast(
+    *, school: School, audience: Audience | None = None, **fields: object
+) -> Broadcast:
+    return Broadcast.objects.create(school=school, **_sendable_fields(school, audience, fields))
