@@ -126,6 +126,9 @@ class Delivery(models.Model):
     )
     # The fencing token: bumped by every claim, required by every later transition.
     attempt = models.PositiveIntegerField(default=0)
+    # How many times a send was actually started (entered ``submitting``); bounded by
+    # EDSMART_MAX_ATTEMPTS. Claims given back unused do not count.
+    tries = models.PositiveSmallIntegerField(default=0)
     lease_until = models.DateTimeField(null=True, blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     message_id_header = models.CharField(max_length=250, blank=True)

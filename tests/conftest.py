@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import redis
 from django.conf import settings
 
 from tests import factories
+
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 @pytest.fixture
@@ -26,3 +30,25 @@ def school():
 @pytest.fixture
 def other_school():
     return factories.make_school(slug="southside")
+
+
+@pytest.fixture(scope="session")
+def smtp_session():
+    from tests.smtp_server import SMTPServer
+
+    server = SMTPServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def smtp(smtp_session, settings):
+    """The real SMTP server, reset, with Django pointed at it."""
+    smtp_session.handler.reset()
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST = "127.0.0.1"
+    settings.EMAIL_PORT = smtp_session.port
+    settings.EMAIL_USE_TLS = False
+    settings.EMAIL_HOST_USER = ""
+    settings.EMAIL_HOST_PASSWORD = ""
+    return smtp_session

@@ -1,0 +1,203 @@
+"""Build one email and hand it to the mail server, reporting exactly how far it got.
+
+The pipeline's exactly-once promise depends on one distinction this module makes: whether the
+message body may have reached the server. Anything that goes wrong before the body is sent is
+a *definite* non-delivery (safe to retry); anything after it, short of a reply, is *unknown*.
+Django's SMTP backend hides that distinction inside ``smtplib.sendmail``, so for SMTP we drive
+the MAIL / RCPT / DATA exchange ourselves over the backend's own connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import smtplib
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.mail import EmailMultiAlternatives
+from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
+from django.core.mail.message import sanitize_address
+
+
+class Outcome(enum.Enum):
+    ACCEPTED = "accepted"  # the server said 250: it is the server's now
+    RETRY = "retry"  # definitely not accepted; may be tried again later
+    FAILED = "failed"  # definitely not accepted and never will be (5xx, invalid address)
+    UNKNOWN = "unknown"  # the body may have been accepted; nobody can tell
+
+
+@dataclass(frozen=True)
+class SendResult:
+    outcome: Outcome
+    detail: str = ""
+    provider_id: str = ""
+    # Set when the send was cut short by something the caller must re-raise or act on
+    # (a soft time limit, say), after recording the outcome.
+    interrupted_by: BaseException | None = None
+    # The connection itself failed: the next delivery in the batch would fail the same way.
+    connection_lost: bool = False
+
+
+def _reply_outcome(code: int) -> Outcome:
+    return Outcome.RETRY if 400 <= code < 500 else Outcome.FAILED
+
+
+def _text(resp: bytes | str) -> str:
+    return resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
+
+
+def send_one(*, connection: object, message: EmailMultiAlternatives) -> SendResult:
+    """Send ``message`` over an open-or-openable Django email backend ``connection``."""
+    if isinstance(connection, SMTPBackend):
+        return _send_smtp(connection, message)
+    return _send_generic(connection, message)
+
+
+def _drop(backend: SMTPBackend) -> None:
+    """Forget a connection whose state we no longer trust; the next send opens a new one."""
+    try:
+        backend.close()
+    except Exception:  # noqa: BLE001 - closing a broken socket may fail any way it likes
+        backend.connection = None
+
+
+def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives) -> SendResult:
+    try:
+        backend.open()
+    except Exception as exc:  # noqa: BLE001 - whatever stops us connecting, nothing was sent
+        _drop(backend)
+        return SendResult(
+            Outcome.RETRY,
+            f"could not connect to the mail server: {exc!r}",
+            connection_lost=True,
+            interrupted_by=exc if not isinstance(exc, OSError | smtplib.SMTPException) else None,
+        )
+    smtp = backend.connection
+    encoding = message.encoding or settings.DEFAULT_CHARSET
+    from_addr = sanitize_address(message.from_email, encoding)
+    recipients = [sanitize_address(addr, encoding) for addr in message.recipients()]
+    payload = message.message().as_bytes(linesep="\r\n")
+    body_sent = False
+    try:
+        smtp.ehlo_or_helo_if_needed()
+        code, resp = smtp.mail(from_addr)
+        if code != 250:
+            smtp.rset()
+            return SendResult(_reply_outcome(code), f"MAIL FROM refused: {code} {_text(resp)}")
+        for rcpt in recipients:
+            code, resp = smtp.rcpt(rcpt)
+            if code not in (250, 251):
+                smtp.rset()
+                return SendResult(_reply_outcome(code), f"RCPT TO refused: {code} {_text(resp)}")
+        code, resp = smtp.docmd("data")
+        if code != 354:
+            smtp.rset()
+            return SendResult(_reply_outcome(code), f"DATA refused: {code} {_text(resp)}")
+        # From here on the server may hold the whole message: silence means "unknown".
+        body_sent = True
+        data = smtplib._quote_periods(payload)  # type: ignore[attr-defined]
+        if data[-2:] != b"\r\n":
+            data += b"\r\n"
+        smtp.send(data + b".\r\n")
+        code, resp = smtp.getreply()
+    except (TimeoutError, smtplib.SMTPException, OSError) as exc:
+        _drop(backend)
+        if body_sent:
+            return SendResult(
+                Outcome.UNKNOWN, f"no reply after DATA: {exc!r}", connection_lost=True
+            )
+        return SendResult(
+            Outcome.RETRY, f"connection failed before DATA: {exc!r}", connection_lost=True
+        )
+    except BaseException as exc:  # noqa: BLE001 - a soft time limit, say: record, then re-raise
+        _drop(backend)
+        outcome = Outcome.UNKNOWN if body_sent else Outcome.RETRY
+        return SendResult(
+            outcome, f"interrupted: {exc!r}", interrupted_by=exc, connection_lost=True
+        )
+    if code == 250:
+        return SendResult(Outcome.ACCEPTED, provider_id=_text(resp)[:250])
+    return SendResult(_reply_outcome(code), f"message refused after DATA: {code} {_text(resp)}")
+
+
+def _send_generic(backend: object, message: EmailMultiAlternatives) -> SendResult:
+    """Any other Django backend (django-anymail ESPs, locmem in tests).
+
+    An HTTP API call is all-or-nothing from our side, so only errors that prove the request
+    was not accepted are retried or failed; everything else is unknown.
+    """
+    try:
+        sent = backend.send_messages([message])  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - classified below, erring towards unknown
+        outcome, detail = classify_api_error(exc)
+        return SendResult(outcome, detail)
+    except BaseException as exc:  # noqa: BLE001 - recorded as unknown, then re-raised
+        return SendResult(Outcome.UNKNOWN, f"interrupted: {exc!r}", interrupted_by=exc)
+    if not sent:
+        return SendResult(Outcome.UNKNOWN, "backend reported nothing sent and raised nothing")
+    status = getattr(message, "anymail_status", None)
+    provider_id = str(getattr(status, "message_id", "") or "") if status else ""
+    return SendResult(Outcome.ACCEPTED, provider_id=provider_id[:250])
+
+
+def classify_api_error(exc: BaseException) -> tuple[Outcome, str]:
+    """Map an email-API exception to an outcome, erring towards ``unknown``."""
+    name = type(exc).__name__
+    detail = f"{name}: {exc}"[:2000]
+    if name == "AnymailRecipientsRefused" or name == "AnymailInvalidAddress":
+        return Outcome.FAILED, detail
+    status_code = getattr(exc, "status_code", None)
+    if isinstance(status_code, int):
+        if status_code == 429:
+            return Outcome.RETRY, detail
+        if 400 <= status_code < 500:
+            return Outcome.FAILED, detail
+        return Outcome.UNKNOWN, detail
+    # requests' ConnectionError (but not its ReadTimeout) means the request never arrived.
+    chain = [exc, exc.__cause__, exc.__context__]
+    for item in chain:
+        item_name = type(item).__name__ if item is not None else ""
+        if item_name in {"ConnectTimeout", "ConnectionRefusedError", "NewConnectionError"}:
+            return Outcome.RETRY, detail
+    return Outcome.UNKNOWN, detail
+
+
+def message_id_for(delivery_id: int) -> str:
+    """A Message-ID that is the same for every attempt of one delivery.
+
+    Any resend carries the same id, so it is recognisable in the recipient's mailbox, at the
+    provider and in our own logs as the same message rather than a new one.
+    """
+    domain = settings.DEFAULT_FROM_EMAIL.rpartition("@")[2] or "edsmart.localhost"
+    return f"<edsmart.delivery.{delivery_id}@{domain}>"
+
+
+@dataclass(frozen=True)
+class EmailParts:
+    subject: str
+    text: str
+    html: str
+
+
+def build_email(
+    *,
+    delivery_id: int,
+    to: str,
+    from_email: str,
+    reply_to: str,
+    parts: EmailParts,
+) -> EmailMultiAlternatives:
+    email = EmailMultiAlternatives(
+        subject=parts.subject,
+        body=parts.text,
+        from_email=from_email,
+        to=[to],
+        reply_to=[reply_to] if reply_to else None,
+        headers={
+            "Message-ID": message_id_for(delivery_id),
+            "X-EdSmart-Delivery": str(delivery_id),
+            "Auto-Submitted": "auto-generated",
+        },
+    )
+    email.attach_alternative(parts.html, "text/html")
+    return email

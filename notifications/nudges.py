@@ -1,0 +1,110 @@
+"""Nudges: Celery messages that tell a worker "there may be work for this mailing".
+
+They are hints, never the truth. Publishing one may fail (Redis restarting), be lost (Redis
+flushed) or be delivered twice (visibility timeout); none of that matters, because the send
+batch re-reads the database and the sweeper re-nudges any mailing whose claimable rows have
+had no live batch for a while. The small Redis markers here only keep the sweeper from
+flooding the queue while batches are alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import redis
+from django.conf import settings
+from django.db.models import Exists, OuterRef, Q
+from django.utils import timezone
+
+log = logging.getLogger("edsmart.nudges")
+
+_client: redis.Redis | None = None
+
+
+def redis_client() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
+        )
+    return _client
+
+
+def _alive_key(mailing_id: int) -> str:
+    return f"edsmart:batch-alive:{mailing_id}"
+
+
+def _nudged_key(mailing_id: int) -> str:
+    return f"edsmart:nudged:{mailing_id}"
+
+
+def batches_for(total: int | None) -> int:
+    if total is None:
+        return settings.EDSMART_BATCH_PARALLELISM
+    return min(
+        settings.EDSMART_BATCH_PARALLELISM, max(1, math.ceil(total / settings.EDSMART_BATCH_SIZE))
+    )
+
+
+def mark_alive(mailing_id: int) -> None:
+    try:
+        redis_client().set(_alive_key(mailing_id), 1, ex=int(settings.EDSMART_SWEEP_STALE_SECONDS))
+    except redis.RedisError:
+        log.warning("could not mark mailing %s alive in Redis", mailing_id, exc_info=True)
+
+
+def enqueue_batches(mailing_id: int | None, total: int | None, *, force: bool = False) -> int:
+    """Publish send-batch tasks. Failures are logged and swallowed: the sweeper retries."""
+    from notifications.tasks import send_batch
+
+    if total == 0:
+        return 0
+    count = batches_for(total)
+    sent = 0
+    for _ in range(count):
+        try:
+            send_batch.apply_async(
+                args=[mailing_id],
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+            sent += 1
+        except Exception:
+            log.warning("could not enqueue a batch for mailing %s", mailing_id, exc_info=True)
+            break
+    if sent and mailing_id is not None:
+        try:
+            redis_client().set(
+                _nudged_key(mailing_id), 1, ex=int(settings.EDSMART_SWEEP_STALE_SECONDS)
+            )
+        except redis.RedisError:
+            log.warning("could not record the nudge for mailing %s", mailing_id, exc_info=True)
+    return sent
+
+
+def nudge_stalled(*, force: bool = False) -> int:
+    """Enqueue batches for sending mailings with due rows and no sign of a live batch."""
+    from notifications.models import Delivery, DeliveryStatus, Mailing
+
+    now = timezone.now()
+    due = Delivery.objects.filter(
+        mailing=OuterRef("pk"),
+        status__in=[DeliveryStatus.PENDING, DeliveryStatus.RETRY_WAIT],
+    ).filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+    mailing_ids = list(
+        Mailing.objects.filter(status=Mailing.Status.SENDING, school__sending_paused=False)
+        .filter(Exists(due))
+        .values_list("pk", flat=True)
+    )
+    nudged = 0
+    for mailing_id in mailing_ids:
+        if not force:
+            try:
+                client = redis_client()
+                if client.exists(_alive_key(mailing_id)) or client.exists(_nudged_key(mailing_id)):
+                    continue
+            except redis.RedisError:
+                log.warning("Redis unavailable; nudging mailing %s anyway", mailing_id)
+        nudged += enqueue_batches(mailing_id, None, force=True) > 0
+    return nudged

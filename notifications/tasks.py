@@ -1,0 +1,22 @@
+"""Thin Celery tasks: take ids, call the pipeline. No logic lives here (CONVENTIONS.md)."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from notifications import pipeline
+
+
+@shared_task(name="notifications.tasks.send_batch")
+def send_batch(mailing_id: int | None = None) -> dict:
+    return pipeline.batch_send(mailing_id=mailing_id).__dict__
+
+
+@shared_task(name="notifications.tasks.dispatch_due")
+def dispatch_due() -> list[int]:
+    return pipeline.dispatch_due()
+
+
+@shared_task(name="notifications.tasks.sweep")
+def sweep() -> dict:
+    return pipeline.sweep().__dict__

@@ -1,0 +1,119 @@
+"""A real SMTP server on 127.0.0.1 for tests: records every accepted message, injects faults.
+
+Its ``accepted`` list is the ground truth the exactly-once checks compare the database with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from aiosmtpd.controller import Controller
+
+
+@dataclass
+class Accepted:
+    rcpt: str
+    message_id: str
+    delivery_id: int | None
+    subject: str
+    raw: bytes
+
+
+@dataclass
+class Behaviour:
+    """What the server does; tests change it between or during runs."""
+
+    rcpt_reply: str | None = None  # e.g. "451 4.3.0 try later" or "550 5.1.1 no such user"
+    data_reply: str | None = None  # final reply instead of 250
+    delay: float = 0.0  # seconds to wait before the final reply (a slow server)
+    stall: float = 0.0  # seconds to stall after DATA; the message still counts as accepted
+    fail_first: int = 0  # refuse the first N RCPTs with a 451, then behave
+
+
+@dataclass
+class Handler:
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    accepted: list[Accepted] = field(default_factory=list)
+    received_data: int = 0
+    rcpt_refusals: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+        b = self.behaviour
+        with self.lock:
+            if b.fail_first > 0:
+                b.fail_first -= 1
+                self.rcpt_refusals += 1
+                return "451 4.3.0 Temporary failure, try again later"
+        if b.rcpt_reply:
+            with self.lock:
+                self.rcpt_refusals += 1
+            return b.rcpt_reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        b = self.behaviour
+        with self.lock:
+            self.received_data += 1
+        if b.stall:
+            await asyncio.sleep(b.stall)
+        elif b.delay:
+            await asyncio.sleep(b.delay)
+        if b.data_reply:
+            return b.data_reply
+        msg = email.message_from_bytes(envelope.content)
+        header = msg.get("X-EdSmart-Delivery")
+        with self.lock:
+            for rcpt in envelope.rcpt_tos:
+                self.accepted.append(
+                    Accepted(
+                        rcpt=rcpt.lower(),
+                        message_id=msg.get("Message-ID", ""),
+                        delivery_id=int(header) if header else None,
+                        subject=str(msg.get("Subject", "")),
+                        raw=envelope.content,
+                    )
+                )
+        return "250 2.0.0 Ok: queued"
+
+    def reset(self) -> None:
+        with self.lock:
+            self.behaviour = Behaviour()
+            self.accepted.clear()
+            self.received_data = 0
+            self.rcpt_refusals = 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SMTPServer:
+    def __init__(self, port: int | None = None) -> None:
+        self.handler = Handler()
+        self.port = port or free_port()
+        self.controller = Controller(
+            self.handler, hostname="127.0.0.1", port=self.port, ready_timeout=10
+        )
+
+    def start(self) -> SMTPServer:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    @property
+    def accepted(self) -> list[Accepted]:
+        return self.handler.accepted
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return self.handler.behaviour
