@@ -168,6 +168,21 @@ CELERY_TASK_SEND_SENT_EVENT = True
 # Celery's Django fixup closes the DB connection after every task unless this is set.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", default=1000, minimum=0)
 CELERY_TIMEZONE = "UTC"
+EDSMART_DISPATCH_INTERVAL_SECONDS = env_float("EDSMART_DISPATCH_INTERVAL_SECONDS", 2.0, minimum=0.1)
+EDSMART_SWEEP_INTERVAL_SECONDS = env_float("EDSMART_SWEEP_INTERVAL_SECONDS", 10.0, minimum=0.1)
+# django-celery-beat's DatabaseScheduler copies these into its tables at start-up.
+CELERY_BEAT_SCHEDULE = {
+    "dispatch-due": {
+        "task": "notifications.tasks.dispatch_due",
+        "schedule": EDSMART_DISPATCH_INTERVAL_SECONDS,
+        "options": {"expires": EDSMART_DISPATCH_INTERVAL_SECONDS * 5},
+    },
+    "sweep": {
+        "task": "notifications.tasks.sweep",
+        "schedule": EDSMART_SWEEP_INTERVAL_SECONDS,
+        "options": {"expires": EDSMART_SWEEP_INTERVAL_SECONDS * 5},
+    },
+}
 
 # --- Ops -----------------------------------------------------------------------------------------
 SENTRY_DSN = env_str("SENTRY_DSN", default="")
