@@ -191,7 +191,8 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
             FOR UPDATE OF d SKIP LOCKED
         )
         UPDATE {D} d SET status = 'claimed', attempt = d.attempt + 1,
-            lease_until = statement_timestamp() + make_interval(secs => %(lease)s), updated_at = statement_timestamp()
+            lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
+                updated_at = statement_timestamp()
         FROM picked WHERE d.id = picked.id
         RETURNING d.id, d.attempt, d.tries, d.mailing_id, d.email, d.recipient_name,
             d.student_ids
@@ -219,7 +220,8 @@ def delivery_start(*, claimed: Claimed) -> bool:
     ``submitting`` row that the sweeper turns into ``unknown``, never a silent resend.
     """
     sql = f"""
-        UPDATE {D} d SET status = 'submitting', tries = d.tries + 1, submitted_at = statement_timestamp(),
+        UPDATE {D} d SET status = 'submitting', tries = d.tries + 1,
+            submitted_at = statement_timestamp(),
             lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
             message_id_header = %(mid)s, updated_at = statement_timestamp()
         WHERE d.id = %(id)s AND d.status = 'claimed' AND d.attempt = %(attempt)s
@@ -260,7 +262,8 @@ def _transition(
             RETURNING d.id, d.attempt, old.status AS from_status
         )
         INSERT INTO {E} (delivery_id, attempt, from_status, to_status, detail, actor, at)
-        SELECT id, attempt, from_status, %(to)s, %(detail)s, %(actor)s, statement_timestamp() FROM moved
+        SELECT id, attempt, from_status, %(to)s, %(detail)s, %(actor)s,
+            statement_timestamp() FROM moved
     """
     all_params = {
         "id": delivery_id,
@@ -297,8 +300,8 @@ def delivery_record(*, claimed: Claimed, result: SendResult) -> str | None:
             from_statuses=[S.SUBMITTING, S.UNKNOWN],
             to=to,
             detail=result.provider_id,
-            sets="sent_at = statement_timestamp(), provider_id = %(provider_id)s, lease_until = NULL, "
-            "last_error = ''",
+            sets="sent_at = statement_timestamp(), provider_id = %(provider_id)s, "
+            "lease_until = NULL, last_error = ''",
             params={"provider_id": result.provider_id},
         )
     elif outcome is Outcome.RETRY and tries < settings.EDSMART_MAX_ATTEMPTS:
@@ -364,7 +367,8 @@ def claims_release(*, claims: Iterable[Claimed], delay_seconds: float = 0) -> in
     sql = f"""
         UPDATE {D} d SET status = 'pending', lease_until = NULL, updated_at = statement_timestamp(),
             next_attempt_at = CASE WHEN %(delay)s > 0
-                THEN statement_timestamp() + make_interval(secs => %(delay)s) ELSE d.next_attempt_at END
+                THEN statement_timestamp() + make_interval(secs => %(delay)s) ELSE
+                    d.next_attempt_at END
         FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS c(id, attempt)
         WHERE d.id = c.id AND d.attempt = c.attempt AND d.status = 'claimed'
     """
@@ -527,7 +531,8 @@ class SweepReport:
 def _expire(*, from_status: str, to: str, detail: str) -> list[tuple[int, int]]:
     sql = f"""
         WITH moved AS (
-            UPDATE {D} d SET status = %(to)s, lease_until = NULL, updated_at = statement_timestamp(),
+            UPDATE {D} d SET status = %(to)s, lease_until = NULL,
+                updated_at = statement_timestamp(),
                 last_error = CASE WHEN %(to)s = 'unknown' THEN %(detail)s ELSE d.last_error END
             WHERE d.id IN (
                 SELECT id FROM {D} WHERE status = %(from)s AND lease_until < statement_timestamp()
@@ -536,7 +541,8 @@ def _expire(*, from_status: str, to: str, detail: str) -> list[tuple[int, int]]:
             RETURNING d.id, d.attempt, d.mailing_id
         ), logged AS (
             INSERT INTO {E} (delivery_id, attempt, from_status, to_status, detail, actor, at)
-            SELECT id, attempt, %(from)s, %(to)s, %(detail)s, 'sweep', statement_timestamp() FROM moved
+            SELECT id, attempt, %(from)s, %(to)s, %(detail)s, 'sweep',
+                statement_timestamp() FROM moved
         )
         SELECT id, mailing_id FROM moved
     """
@@ -663,13 +669,15 @@ def deliveries_cancel(*, mailing_ids: list[int], actor: str = "", detail: str = 
         return 0
     sql = f"""
         WITH moved AS (
-            UPDATE {D} d SET status = 'cancelled', lease_until = NULL, updated_at = statement_timestamp()
+            UPDATE {D} d SET status = 'cancelled', lease_until = NULL,
+                updated_at = statement_timestamp()
             WHERE d.mailing_id = ANY(%(ids)s)
               AND d.status IN ('pending', 'claimed', 'retry_wait')
             RETURNING d.id, d.attempt, d.status
         )
         INSERT INTO {E} (delivery_id, attempt, from_status, to_status, detail, actor, at)
-        SELECT id, attempt, 'pending', 'cancelled', %(detail)s, %(actor)s, statement_timestamp() FROM moved
+        SELECT id, attempt, 'pending', 'cancelled', %(detail)s, %(actor)s,
+            statement_timestamp() FROM moved
     """
     with connection.cursor() as cur:
         cur.execute(sql, {"ids": mailing_ids, "actor": actor, "detail": detail or "cancelled"})

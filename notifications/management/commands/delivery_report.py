@@ -1,0 +1,59 @@
+"""``delivery_report [--message ID] [--json]``: delivery counts per status."""
+
+from __future__ import annotations
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from notifications import monitoring
+from notifications.models import Delivery, DeliveryStatus, Mailing
+
+
+class Command(BaseCommand):
+    help = "Counts of deliveries per status, for one message or for every mailing."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--message", metavar="ID", help="mailing id, or slip:ID / broadcast:ID")
+        parser.add_argument("--json", action="store_true")
+
+    def handle(self, *args: object, **opts: object) -> None:
+        if opts["message"]:
+            try:
+                obj = monitoring.message_lookup(str(opts["message"]))
+            except monitoring.UnknownMessage as exc:
+                raise CommandError(str(exc)) from None
+            mailings = monitoring.mailings_of(obj)
+        else:
+            mailings = Mailing.objects.all()
+        mailings = mailings.select_related("school").order_by("pk")
+        rows = [
+            {
+                "mailing": m.pk,
+                "school": m.school.slug,
+                "kind": m.kind,
+                "round": m.round,
+                "subject": m.subject,
+                "status": m.status,
+                "counts": monitoring.mailing_counts(mailing=m),
+            }
+            for m in mailings
+        ]
+        totals = monitoring.delivery_status_counts(
+            deliveries=Delivery.objects.filter(mailing__in=mailings)
+        )
+        if opts["json"]:
+            self.stdout.write(json.dumps({"mailings": rows, "totals": totals}))
+            return
+        columns = DeliveryStatus.values
+        self.stdout.write(
+            f"{'mailing':>8} {'school':<16} {'status':<10} " + " ".join(f"{c:>10}" for c in columns)
+        )
+        for row in rows:
+            self.stdout.write(
+                f"{row['mailing']:>8} {row['school'][:16]:<16} {row['status']:<10} "
+                + " ".join(f"{row['counts'][c]:>10}" for c in columns)
+            )
+        self.stdout.write(
+            f"{'total':>8} {'':<16} {'':<10} " + " ".join(f"{totals[c]:>10}" for c in columns)
+        )

@@ -1,0 +1,164 @@
+"""A demo school to click around in: staff login, year levels, classes and families.
+
+Everything is derived from the family number, with no randomness, and every row is found
+before it is created, so seeding twice leaves the database as seeding once did. Families go
+in through the real roster import, so the demo also exercises it.
+
+Addresses use the reserved ``example.org`` domain: nothing seeded here can reach a real person.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+
+from slips.models import Audience, Group, Membership, School
+from slips.roster import roster_import
+
+# A demo login, printed by seed_demo and documented in the README; override with DEMO_PASSWORD.
+DEFAULT_DEMO_PASSWORD = "edsmart-demo"  # noqa: S105
+WHOLE_SCHOOL_AUDIENCE = "Whole school"
+YEAR_LEVELS = ("1", "2", "3", "4", "5", "6")
+CLASS_LETTERS = ("A", "B")
+
+_SURNAMES = (
+    "Nguyen", "Smith", "Patel", "Williams", "Chen", "Brown", "Singh", "Jones", "Kelly", "Wilson",
+    "Taylor", "Ali", "Martin", "Lee", "Walker", "Costa", "White", "Khan", "Harris", "Murphy",
+)  # fmt: skip
+_CHILD_NAMES = (
+    "Olivia", "Noah", "Amelia", "Oliver", "Isla", "Leo", "Mia", "Jack", "Ava", "Henry",
+    "Zara", "Lucas", "Ruby", "Arlo", "Chloe", "Theo", "Grace", "Kai", "Ella", "Finn",
+)  # fmt: skip
+_PARENT_NAMES = (
+    "Sarah", "David", "Priya", "James", "Mei", "Daniel", "Fatima", "Michael", "Emma", "Tom",
+    "Aisha", "Ben", "Laura", "Sam", "Hannah", "Raj", "Kate", "Luis", "Nina", "Paul",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    school: School
+    username: str
+    password: str
+    students: int
+    guardians: int
+    groups: int
+
+
+def demo_password() -> str:
+    return os.environ.get("DEMO_PASSWORD") or DEFAULT_DEMO_PASSWORD
+
+
+def demo_roster_csv(*, families: int) -> str:
+    """The demo families as a roster file, the same text for the same ``families``.
+
+    Every fourth family has two guardians (one of whom does not want email in every eighth),
+    every third has two children (siblings), and family 2 has two guardians who share one
+    family mailbox, which recipient resolution must collapse into one email.
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        [
+            "student_external_id",
+            "student_first_name",
+            "student_last_name",
+            "year_level",
+            "groups",
+            "guardian_name",
+            "guardian_email",
+            "guardian_phone",
+            "guardian_receives_email",
+        ]
+    )
+    child_no = 0
+    for family in range(1, families + 1):
+        surname = _SURNAMES[(family - 1) % len(_SURNAMES)]
+        tag = f"{surname.lower()}{family}"
+        p1 = _PARENT_NAMES[(family - 1) % len(_PARENT_NAMES)]
+        p2 = _PARENT_NAMES[(family + 6) % len(_PARENT_NAMES)]
+        adults = [(f"{p1} {surname}", f"{p1.lower()}.{tag}@example.org", "yes")]
+        if family == 2:
+            adults = [
+                (f"{p1} {surname}", f"family.{tag}@example.org", "yes"),
+                (f"{p2} {surname}", f"family.{tag}@example.org", "yes"),
+            ]
+        elif family % 4 == 0:
+            opt = "no" if family % 8 == 0 else "yes"
+            adults.append((f"{p2} {surname}", f"{p2.lower()}.{tag}@example.org", opt))
+        for child in range(1 + (family % 3 == 0)):
+            year = YEAR_LEVELS[child_no % len(YEAR_LEVELS)]
+            letter = CLASS_LETTERS[(child_no // len(YEAR_LEVELS)) % len(CLASS_LETTERS)]
+            first = _CHILD_NAMES[child_no % len(_CHILD_NAMES)]
+            child_no += 1
+            for n, (name, email, receives) in enumerate(adults, start=1):
+                writer.writerow(
+                    [
+                        f"DEMO-{family:04d}-{child + 1}",
+                        first,
+                        surname,
+                        year,
+                        f"Year {year};{year}{letter}",
+                        name,
+                        email,
+                        f"0400 {family:03d} {n:03d}",
+                        receives,
+                    ]
+                )
+    return out.getvalue()
+
+
+def demo_seed(*, slug: str = "demo", families: int = 20) -> DemoResult:
+    """Create or bring up to date the demo school; safe to run any number of times."""
+    if families < 1:
+        raise ValueError("A demo school needs at least one family.")
+    password = demo_password()
+    with transaction.atomic():
+        school, _ = School.objects.get_or_create(
+            slug=slug,
+            defaults={
+                "name": f"{slug.replace('-', ' ').title()} Primary School",
+                "time_zone": "Australia/Sydney",
+                "sender_name": f"{slug.replace('-', ' ').title()} Primary Office",
+                "sender_email": f"office@{slug}.example.org",
+            },
+        )
+        username = f"{slug}-admin"
+        user, _ = get_user_model().objects.get_or_create(
+            username=username,
+            defaults={"email": f"admin@{slug}.example.org", "is_staff": True},
+        )
+        # Reset on every run so the login printed below is always the one that works.
+        user.is_staff = True
+        user.set_password(password)
+        user.save()
+        Membership.objects.update_or_create(
+            user=user, school=school, defaults={"role": Membership.Role.ADMIN}
+        )
+        for year in YEAR_LEVELS:
+            _group(school, f"Year {year}", Group.Kind.YEAR)
+            for letter in CLASS_LETTERS:
+                _group(school, f"{year}{letter}", Group.Kind.CLASS)
+        result = roster_import(school=school, file=io.StringIO(demo_roster_csv(families=families)))
+        if not Audience.objects.filter(school=school, whole_school=True).exists():
+            Audience.objects.create(school=school, name=WHOLE_SCHOOL_AUDIENCE, whole_school=True)
+    return DemoResult(
+        school=school,
+        username=username,
+        password=password,
+        students=result.students,
+        guardians=result.guardians,
+        groups=Group.objects.filter(school=school).count(),
+    )
+
+
+def _group(school: School, name: str, kind: str) -> Group:
+    group = Group.objects.filter(school=school, name__iexact=name).first()
+    if group is None:
+        group = Group.objects.create(school=school, name=name, kind=kind)
+    return group

@@ -1,0 +1,230 @@
+"""seed_demo and compose: the command-line doors that scripts and the README rely on."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import zoneinfo
+from collections import Counter
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from slips.audiences import audience_recipients
+from slips.models import (
+    Audience,
+    Broadcast,
+    Group,
+    Guardian,
+    Membership,
+    School,
+    SendStatus,
+    Slip,
+    Student,
+)
+from tests import factories
+
+SYDNEY = zoneinfo.ZoneInfo("Australia/Sydney")
+
+
+def row_counts() -> dict[str, int]:
+    models = [School, get_user_model(), Membership, Student, Guardian, Group, Audience]
+    counts = {m.__name__: m.objects.count() for m in models}
+    counts["guardian links"] = Guardian.students.through.objects.count()
+    counts["group links"] = Group.students.through.objects.count()
+    counts["audience groups"] = Audience.groups.through.objects.count()
+    return counts
+
+
+def seed(*args: str) -> str:
+    out = io.StringIO()
+    call_command("seed_demo", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_seed_demo_is_idempotent(monkeypatch):
+    monkeypatch.delenv("DEMO_PASSWORD", raising=False)
+    first_output = seed()
+    first = row_counts()
+
+    second_output = seed()
+
+    assert row_counts() == first
+    assert second_output == first_output
+    assert first["Student"] > 20  # some families have two children
+    assert "username demo-admin password edsmart-demo" in first_output
+
+
+@pytest.mark.django_db
+def test_seed_demo_builds_a_usable_school(monkeypatch):
+    monkeypatch.setenv("DEMO_PASSWORD", "another-demo-pass")
+
+    output = seed("--school", "eastwood", "--families", "8")
+
+    school = School.objects.get(slug="eastwood")
+    user = get_user_model().objects.get(username="eastwood-admin")
+    assert user.is_staff and not user.is_superuser
+    assert user.check_password("another-demo-pass")
+    assert "password another-demo-pass" in output
+    assert Membership.objects.get(user=user, school=school).role == Membership.Role.ADMIN
+    kinds = Counter(Group.objects.filter(school=school).values_list("kind", flat=True))
+    assert kinds[Group.Kind.YEAR] > 0 and kinds[Group.Kind.CLASS] > 0
+    assert not Student.objects.filter(school=school, groups=None).exists()
+    guardians = Guardian.objects.filter(school=school)
+    assert all(g.email.endswith("@example.org") for g in guardians)
+    per_student = Counter(
+        Guardian.students.through.objects.filter(guardian__school=school).values_list(
+            "student_id", flat=True
+        )
+    )
+    per_guardian = Counter(
+        Guardian.students.through.objects.filter(guardian__school=school).values_list(
+            "guardian_id", flat=True
+        )
+    )
+    assert max(per_student.values()) == 2  # two guardians
+    assert max(per_guardian.values()) == 2  # siblings
+    shared = Counter(guardians.values_list("email_normalized", flat=True))
+    assert sorted(shared.values())[-1] == 2  # two parents, one family mailbox
+    audience = Audience.objects.get(school=school, whole_school=True)
+    assert audience.name == "Whole school"
+    recipients = audience_recipients(audience)
+    addresses = {g.email_normalized for g in guardians if g.receives_email}
+    assert len(recipients) == len(addresses) < guardians.count()
+
+
+@pytest.fixture
+def family_school(school):
+    """A school with two classes, families in each, and an empty group."""
+    school.time_zone = "Australia/Sydney"
+    school.save()
+    three_a = factories.make_group(school=school, name="3A")
+    factories.make_group(school=school, name="Chess club", kind=Group.Kind.CUSTOM)
+    factories.make_family(school=school, children=2, guardians=2, group=three_a)
+    factories.make_family(school=school, children=1, guardians=1)
+    return school
+
+
+def compose(*args: str) -> str:
+    out = io.StringIO()
+    call_command("compose", *args, stdout=out)
+    return out.getvalue()
+
+
+def message_counts() -> tuple[int, int, int]:
+    return Slip.objects.count(), Broadcast.objects.count(), Audience.objects.count()
+
+
+@pytest.mark.django_db
+def test_compose_slip_for_whole_school_schedules_it_and_prints_only_the_id(family_school):
+    before = timezone.now()
+
+    output = compose(
+        "slip",
+        "--school", family_school.slug,
+        "--audience", "all",
+        "--title", "Zoo excursion",
+        "--body", "We are going to the zoo.",
+        "--due", "2099-03-14",
+    )  # fmt: skip
+
+    slip = Slip.objects.get()
+    assert output == f"{slip.pk}\n"
+    assert slip.status == SendStatus.SCHEDULED
+    assert slip.school == family_school and slip.created_by is None
+    assert slip.audience.whole_school and slip.audience.school == family_school
+    assert before <= slip.send_at <= timezone.now()
+    assert slip.due_at == dt.datetime(2099, 3, 14, 23, 59, tzinfo=SYDNEY)
+    assert (slip.title, slip.body) == ("Zoo excursion", "We are going to the zoo.")
+
+    compose(
+        "broadcast", "--school", family_school.slug, "--audience", "ALL",
+        "--title", "Again", "--body", "Same audience.",
+    )  # fmt: skip
+    assert Audience.objects.filter(school=family_school).count() == 1
+
+
+@pytest.mark.django_db
+def test_compose_broadcast_for_a_group_reads_naive_times_in_the_school_zone(family_school):
+    args = [
+        "broadcast",
+        "--school", family_school.slug,
+        "--audience", "group:3a",
+        "--title", "Class photo",
+        "--body", "Wear your uniform.",
+        "--send-at", "2099-06-01T08:30",
+    ]  # fmt: skip
+
+    first_id = int(compose(*args))
+    second_id = int(compose(*args))
+
+    first, second = Broadcast.objects.get(pk=first_id), Broadcast.objects.get(pk=second_id)
+    assert first.status == second.status == SendStatus.SCHEDULED
+    assert first.send_at == dt.datetime(2099, 6, 1, 8, 30, tzinfo=SYDNEY)
+    assert first.audience == second.audience  # reused, not piled up
+    assert first.audience.name == "3A" and not first.audience.whole_school
+    assert list(first.audience.groups.values_list("name", flat=True)) == ["3A"]
+    assert len(audience_recipients(first.audience)) == 2
+
+
+@pytest.mark.django_db
+def test_compose_honours_an_explicit_offset(family_school):
+    pk = compose(
+        "slip", "--school", family_school.slug, "--audience", "all", "--title", "T",
+        "--body", "B", "--send-at", "2099-06-01T08:30Z", "--due", "2099-06-02T10:00+10:00",
+    )  # fmt: skip
+
+    slip = Slip.objects.get(pk=int(pk))
+    assert slip.send_at == dt.datetime(2099, 6, 1, 8, 30, tzinfo=dt.UTC)
+    assert slip.due_at == dt.datetime(2099, 6, 2, 0, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"--school": "nowhere"}, "No school with slug 'nowhere'"),
+        ({"--audience": "group:Robotics"}, "No group named 'Robotics'"),
+        ({"--audience": "class:3A"}, "--audience must be 'all' or 'group:NAME'"),
+        ({"--audience": "group:chess CLUB"}, "--audience: This audience has no guardian"),
+        ({"--send-at": "2001-01-01T09:00"}, "--send-at: The send time is in the past."),
+        ({"--due": "2099-06-01T08:00"}, "--due: The due date must be after the send time."),
+        ({"--send-at": "next tuesday"}, "--send-at: 'next tuesday' is not an ISO date"),
+        ({"--due": "2099-13-01"}, "--due: '2099-13-01' is not an ISO date"),
+        ({"--send-at": "2099-10-04T02:30"}, "does not exist in Australia/Sydney"),
+        ({"--title": "Two\nlines"}, "--title: Must be a single line"),
+        ({"--title": "x" * 201}, "--title: Ensure this value has at most 200 characters"),
+        ({"--body": "   "}, "--body: The message has no body."),
+    ],
+)
+@pytest.mark.django_db
+def test_compose_errors_create_nothing(family_school, overrides, message):
+    options = {
+        "--school": family_school.slug,
+        "--audience": "group:3A",
+        "--title": "Sports day",
+        "--body": "Bring a hat.",
+        "--send-at": "2099-06-01T09:00",
+        "--due": "2099-06-08",
+    }
+    options.update(overrides)
+    args = ["slip"] + [part for pair in options.items() for part in pair]
+    before = message_counts()
+
+    with pytest.raises(CommandError) as info:
+        compose(*args)
+
+    assert message in str(info.value)
+    assert message_counts() == before
+
+
+@pytest.mark.django_db
+def test_compose_refuses_a_due_date_on_a_broadcast(family_school):
+    with pytest.raises(CommandError, match="--due applies to slips only"):
+        compose(
+            "broadcast", "--school", family_school.slug, "--audience", "all",
+            "--title", "T", "--body", "B", "--due", "2099-01-01",
+        )  # fmt: skip
+    assert message_counts() == (0, 0, 0)
