@@ -461,6 +461,7 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
     backend = get_connection(fail_silently=False)
     pending = list(claims)
     interrupted: BaseException | None = None
+    unrecorded: tuple[Claimed, SendResult] | None = None
     try:
         while pending:
             claimed = pending[0]
@@ -468,7 +469,14 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
                 report.stopped = "claim lease budget used up"
                 break
             email = cache.email_for(claimed)
-            if not delivery_start(claimed=claimed):
+            # One commit per email: the previous outcome and this start share a transaction,
+            # and both are durable before this email goes out (a commit costs an fsync).
+            with transaction.atomic():
+                if unrecorded is not None:
+                    _count(report, delivery_record(claimed=unrecorded[0], result=unrecorded[1]))
+                started = delivery_start(claimed=claimed)
+            unrecorded = None
+            if not started:
                 if not sending_allowed(mailing_id=claimed.mailing_id):
                     report.stopped = "paused or cancelled"
                     break
@@ -477,8 +485,7 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
                 continue
             pending.pop(0)
             result = send_one(connection=backend, message=email)
-            status = delivery_record(claimed=claimed, result=result)
-            _count(report, status)
+            unrecorded = (claimed, result)
             if result.interrupted_by is not None:
                 interrupted = result.interrupted_by
                 report.stopped = f"interrupted: {interrupted!r}"
@@ -492,6 +499,8 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
                 pending = []
                 break
     finally:
+        if unrecorded is not None:
+            _count(report, delivery_record(claimed=unrecorded[0], result=unrecorded[1]))
         report.released += claims_release(claims=pending)
         try:
             backend.close()

@@ -1,0 +1,343 @@
+"""Staff and ops views of the send pipeline: mailings, deliveries, their events, the switch.
+
+Everything here is read-only except through ``notifications.pipeline``: deliveries move only by
+its conditional updates, so the admin never saves a Delivery, Mailing or SendingSwitch itself.
+Staff resolve ``unknown`` deliveries with the actions on the Delivery changelist; every
+resolution is an event row carrying the staff username.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.http import urlencode
+from django.utils.safestring import SafeString
+
+from edsmart.admin_tenancy import (
+    ReadOnlyTenantAdmin,
+    SuperuserOnlyAdmin,
+    is_ops,
+    user_memberships,
+)
+from notifications import pipeline
+from notifications.models import (
+    Delivery,
+    DeliveryEvent,
+    DeliveryStatus,
+    Mailing,
+    SendingSwitch,
+)
+from slips.models import Broadcast, Slip
+
+# The per-recipient log on a slip or broadcast page stops here and links to the changelist.
+LOG_LIMIT = 500
+
+_IN_FLIGHT = [
+    DeliveryStatus.PENDING,
+    DeliveryStatus.CLAIMED,
+    DeliveryStatus.SUBMITTING,
+    DeliveryStatus.RETRY_WAIT,
+]
+
+
+# --- read helpers shared with the slip and broadcast pages ------------------------------------
+
+
+def _deliveries_of(source: Slip | Broadcast) -> QuerySet[Delivery]:
+    key = "mailing__slip" if isinstance(source, Slip) else "mailing__broadcast"
+    return Delivery.objects.filter(**{key: source}, school_id=source.school_id)
+
+
+def delivery_changelist_url(source: Slip | Broadcast, **params: str) -> str:
+    key = (
+        "mailing__slip__id__exact" if isinstance(source, Slip) else "mailing__broadcast__id__exact"
+    )
+    query = urlencode({key: source.pk, **params})
+    return f"{reverse('admin:notifications_delivery_changelist')}?{query}"
+
+
+def delivery_counts(source: Slip | Broadcast) -> list[tuple[str, str, int]]:
+    """(status, label, count) for every status, across all mailings of the message."""
+    found = dict(_deliveries_of(source).order_by().values_list("status").annotate(n=Count("id")))
+    return [(value, label, found.get(value, 0)) for value, label in DeliveryStatus.choices]
+
+
+def render_delivery_counts(source: Slip | Broadcast) -> SafeString:
+    counts = delivery_counts(source)
+    return render_to_string(
+        "admin/notifications/delivery_counts.html",
+        {
+            "counts": [
+                (label, n, delivery_changelist_url(source, status__exact=value))
+                for value, label, n in counts
+            ],
+            "total": sum(n for _, _, n in counts),
+            "all_url": delivery_changelist_url(source),
+        },
+    )
+
+
+def render_delivery_log(source: Slip | Broadcast) -> SafeString:
+    deliveries = _deliveries_of(source).select_related("mailing").order_by("mailing_id", "id")
+    total = deliveries.count()
+    return render_to_string(
+        "admin/notifications/delivery_log.html",
+        {
+            "rows": deliveries[:LOG_LIMIT],
+            "total": total,
+            "limit": LOG_LIMIT,
+            "truncated": total > LOG_LIMIT,
+            "all_url": delivery_changelist_url(source),
+        },
+    )
+
+
+# --- Mailing -------------------------------------------------------------------------------------
+
+
+def _status_count(status: str | list[str]) -> Count:
+    statuses = status if isinstance(status, list) else [status]
+    return Count("deliveries", filter=Q(deliveries__status__in=statuses))
+
+
+class _OperateMixin:
+    """Resolving unknowns and pausing a mailing are for members of the school and for ops."""
+
+    def has_operate_permission(self, request: HttpRequest) -> bool:
+        return is_ops(request) or bool(request.user.is_staff and user_memberships(request))
+
+
+@admin.register(Mailing)
+class MailingAdmin(_OperateMixin, ReadOnlyTenantAdmin):
+    list_display = (
+        "id",
+        "kind",
+        "subject",
+        "status",
+        "recipient_count",
+        "n_in_flight",
+        "n_sent",
+        "n_failed",
+        "n_unknown",
+        "n_cancelled",
+        "n_skipped",
+        "created_at",
+    )
+    list_filter = ("status", "kind")
+    search_fields = ("subject",)
+    date_hierarchy = "created_at"
+    readonly_fields = ("deliveries_link",)
+    actions = ["pause_mailings", "resume_mailings"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Mailing]:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                n_in_flight=_status_count(_IN_FLIGHT),
+                n_sent=_status_count(DeliveryStatus.SENT),
+                n_failed=_status_count(DeliveryStatus.FAILED),
+                n_unknown=_status_count(DeliveryStatus.UNKNOWN),
+                n_cancelled=_status_count(DeliveryStatus.CANCELLED),
+                n_skipped=_status_count(DeliveryStatus.SKIPPED),
+            )
+        )
+
+    @admin.display(description="in flight", ordering="n_in_flight")
+    def n_in_flight(self, obj: Mailing) -> int:
+        return obj.n_in_flight
+
+    @admin.display(description="sent", ordering="n_sent")
+    def n_sent(self, obj: Mailing) -> int:
+        return obj.n_sent
+
+    @admin.display(description="failed", ordering="n_failed")
+    def n_failed(self, obj: Mailing) -> int:
+        return obj.n_failed
+
+    @admin.display(description="unknown", ordering="n_unknown")
+    def n_unknown(self, obj: Mailing) -> int:
+        return obj.n_unknown
+
+    @admin.display(description="cancelled", ordering="n_cancelled")
+    def n_cancelled(self, obj: Mailing) -> int:
+        return obj.n_cancelled
+
+    @admin.display(description="skipped", ordering="n_skipped")
+    def n_skipped(self, obj: Mailing) -> int:
+        return obj.n_skipped
+
+    @admin.display(description="deliveries")
+    def deliveries_link(self, obj: Mailing) -> str:
+        url = reverse("admin:notifications_delivery_changelist")
+        counts = ", ".join(
+            f"{label}: {getattr(obj, attr)}"
+            for label, attr in (
+                ("in flight", "n_in_flight"),
+                ("sent", "n_sent"),
+                ("failed", "n_failed"),
+                ("unknown", "n_unknown"),
+                ("cancelled", "n_cancelled"),
+                ("skipped", "n_skipped"),
+            )
+        )
+        return format_html(
+            '{} — <a href="{}?{}">see every delivery</a>',
+            counts,
+            url,
+            urlencode({"mailing__id__exact": obj.pk}),
+        )
+
+    @admin.action(description="Pause selected mailings", permissions=["operate"])
+    def pause_mailings(self, request: HttpRequest, queryset: QuerySet[Mailing]) -> None:
+        changed = sum(pipeline.mailing_set_paused(mailing=m, paused=True) for m in queryset)
+        self.message_user(request, f"Paused {changed} of {len(queryset)} selected mailings.")
+
+    @admin.action(description="Resume selected mailings", permissions=["operate"])
+    def resume_mailings(self, request: HttpRequest, queryset: QuerySet[Mailing]) -> None:
+        changed = sum(pipeline.mailing_set_paused(mailing=m, paused=False) for m in queryset)
+        self.message_user(request, f"Resumed {changed} of {len(queryset)} selected mailings.")
+
+
+# --- Delivery ------------------------------------------------------------------------------------
+
+
+class DeliveryEventInline(admin.TabularInline):
+    model = DeliveryEvent
+    extra = 0
+    can_delete = False
+    fields = ("at", "attempt", "from_status", "to_status", "detail", "actor")
+    readonly_fields = fields
+    ordering = ("at", "id")
+
+    def has_view_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        # Shown only inside a delivery page the user could already open.
+        return True
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(_OperateMixin, ReadOnlyTenantAdmin):
+    list_display = (
+        "email",
+        "recipient_name",
+        "mailing",
+        "status",
+        "tries",
+        "short_error",
+        "sent_at",
+        "updated_at",
+    )
+    list_filter = (
+        "status",
+        ("mailing__slip", admin.RelatedOnlyFieldListFilter),
+        ("mailing__broadcast", admin.RelatedOnlyFieldListFilter),
+        ("mailing", admin.RelatedOnlyFieldListFilter),
+    )
+    search_fields = ("email_normalized", "recipient_name")
+    list_select_related = ("mailing",)
+    inlines = (DeliveryEventInline,)
+    actions = ["mark_unknown_sent", "mark_unknown_failed", "resend_unknown"]
+
+    @admin.display(description="last error")
+    def short_error(self, obj: Delivery) -> str:
+        return obj.last_error if len(obj.last_error) <= 80 else f"{obj.last_error[:77]}…"
+
+    def _resolve(self, request: HttpRequest, queryset: QuerySet[Delivery], resolution: str) -> None:
+        # The changelist queryset is already limited to the user's schools; the ids go to the
+        # pipeline, which moves only rows that are still ``unknown``.
+        ids = list(queryset.values_list("pk", flat=True))
+        moved = pipeline.unknowns_resolve(
+            delivery_ids=ids, resolution=resolution, actor=request.user.get_username()
+        )
+        verb = {
+            pipeline.Resolution.SENT: "marked as sent",
+            pipeline.Resolution.FAILED: "marked as failed",
+            pipeline.Resolution.RESEND: "queued to be sent again",
+        }[resolution]
+        skipped = len(ids) - moved
+        text = f"{moved} unknown deliveries {verb}."
+        if skipped:
+            text += f" {skipped} selected were not in the unknown state and were left alone."
+        self.message_user(request, text, messages.SUCCESS if moved else messages.WARNING)
+
+    @admin.action(description="Mark unknown as sent (the parent got it)", permissions=["operate"])
+    def mark_unknown_sent(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        self._resolve(request, queryset, pipeline.Resolution.SENT)
+
+    @admin.action(
+        description="Mark unknown as failed (the parent did not get it)", permissions=["operate"]
+    )
+    def mark_unknown_failed(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        self._resolve(request, queryset, pipeline.Resolution.FAILED)
+
+    @admin.action(
+        description="Resend unknown (the parent may get it twice)", permissions=["operate"]
+    )
+    def resend_unknown(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        self._resolve(request, queryset, pipeline.Resolution.RESEND)
+
+
+@admin.register(DeliveryEvent)
+class DeliveryEventAdmin(ReadOnlyTenantAdmin):
+    """The audit log: every state change, including who resolved an unknown."""
+
+    school_lookup = "delivery__school"
+    list_display = ("at", "delivery", "attempt", "from_status", "to_status", "actor", "detail")
+    list_filter = ("to_status", "from_status")
+    search_fields = ("delivery__email_normalized", "actor")
+    list_select_related = ("delivery",)
+
+
+# --- the global switch ---------------------------------------------------------------------------
+
+
+@admin.register(SendingSwitch)
+class SendingSwitchAdmin(SuperuserOnlyAdmin):
+    """The global pause. It is flipped through ``pipeline.sending_set_paused`` only, which
+    records who did it and nudges the waiting work on resume."""
+
+    list_display = ("__str__", "paused", "changed_by", "changed_at", "reason")
+    fields = ("paused", "reason", "changed_by", "changed_at")
+    readonly_fields = ("changed_by", "changed_at")
+    actions = ["pause_all", "resume_all"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):
+        SendingSwitch.current()  # the single row, so there is always something to act on
+        return super().changelist_view(request, extra_context)
+
+    def save_model(self, request: HttpRequest, obj: SendingSwitch, form, change: bool) -> None:
+        pipeline.sending_set_paused(
+            paused=obj.paused, actor=request.user.get_username(), reason=obj.reason
+        )
+        obj.refresh_from_db()
+
+    @admin.action(description="Pause ALL sending, every school")
+    def pause_all(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        pipeline.sending_set_paused(paused=True, actor=request.user.get_username())
+        self.message_user(request, "All sending is paused.", messages.WARNING)
+        return None
+
+    @admin.action(description="Resume sending")
+    def resume_all(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        pipeline.sending_set_paused(paused=False, actor=request.user.get_username())
+        self.message_user(request, "Sending resumed.")
+        return None
