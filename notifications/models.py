@@ -138,6 +138,8 @@ class Delivery(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     submitted_at = models.DateTimeField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
+    # First GET of a valid parent link (mail scanners prefetch links, so this over-counts).
+    opened_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         verbose_name_plural = "deliveries"
@@ -206,6 +208,51 @@ class SendingSwitch(models.Model):
     def current(cls) -> SendingSwitch:
         obj, _ = cls.objects.get_or_create(pk=1)
         return obj
+
+
+class Alert(models.Model):
+    """One alert per condition while it holds: raised once, re-seen quietly, then cleared.
+
+    ``key`` names the condition (e.g. ``duplicates:school:3``); a partial unique index keeps
+    at most one open alert per key, so two ``watch`` runs at once cannot raise it twice.
+    """
+
+    class Severity(models.TextChoices):
+        WARNING = "warning", "Warning"
+        CRITICAL = "critical", "Critical"
+
+    key = models.CharField(max_length=200)
+    kind = models.CharField(max_length=50)
+    severity = models.CharField(max_length=16, choices=Severity.choices)
+    school = models.ForeignKey(
+        School, on_delete=models.CASCADE, null=True, blank=True, related_name="alerts"
+    )
+    message = models.TextField()
+    raised_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(auto_now=True)
+    cleared_at = models.DateTimeField(null=True, blank=True)
+    notified = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-raised_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["key"], condition=Q(cleared_at__isnull=True), name="alert_one_open_per_key"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.message}"
+
+
+class Heartbeat(models.Model):
+    """Last time a component showed life: ``beat`` (a scheduled tick) or ``worker:<hostname>``."""
+
+    name = models.CharField(max_length=200, unique=True)
+    at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.at:%Y-%m-%d %H:%M:%S}"
 
 
 def sender_of(school: School) -> str:

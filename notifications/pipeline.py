@@ -10,10 +10,12 @@ Read ../shared/DESIGN.md first. The rules this module keeps:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import random
 import time
+import zoneinfo
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,8 +39,21 @@ from notifications.models import (
     sender_of,
 )
 from notifications.rendering import render_parts
-from slips.audiences import Recipient, audience_recipients
-from slips.models import Broadcast, School, SendStatus, Slip, Student
+from slips.audiences import (
+    Recipient,
+    audience_recipients,
+    audience_students,
+    recipients_for_students,
+)
+from slips.models import (
+    Broadcast,
+    ReminderRound,
+    Response,
+    School,
+    SendStatus,
+    Slip,
+    Student,
+)
 
 log = logging.getLogger("edsmart.pipeline")
 
@@ -52,11 +67,33 @@ SW = SendingSwitch._meta.db_table
 # The condition under which a delivery may be claimed or started: its mailing is sending, its
 # school is not paused, and the global switch is not off. Evaluated inside the same UPDATE as
 # the transition, so a pause takes effect before the next delivery of a batch in flight.
+# Reminder rounds also wait out the school's quiet hours, in the school's own time zone.
+QUIET_HOURS_SQL = """
+    CASE WHEN s.quiet_hours_start = s.quiet_hours_end THEN false
+         WHEN s.quiet_hours_start > s.quiet_hours_end THEN
+              (statement_timestamp() AT TIME ZONE s.time_zone)::time >= s.quiet_hours_start
+           OR (statement_timestamp() AT TIME ZONE s.time_zone)::time < s.quiet_hours_end
+         ELSE (statement_timestamp() AT TIME ZONE s.time_zone)::time >= s.quiet_hours_start
+          AND (statement_timestamp() AT TIME ZONE s.time_zone)::time < s.quiet_hours_end
+    END
+"""
 SENDING_ALLOWED_SQL = f"""
     EXISTS (SELECT 1 FROM {M} m JOIN {SC} s ON s.id = m.school_id
-            WHERE m.id = d.mailing_id AND m.status = 'sending' AND NOT s.sending_paused)
+            WHERE m.id = d.mailing_id AND m.status = 'sending' AND NOT s.sending_paused
+              AND (m.kind <> 'reminder' OR NOT ({QUIET_HOURS_SQL})))
     AND NOT EXISTS (SELECT 1 FROM {SW} w WHERE w.paused)
 """
+
+
+def in_quiet_hours(*, school: School, at: dt.datetime | None = None) -> bool:
+    """The Python twin of QUIET_HOURS_SQL, for pages and decisions outside a claim."""
+    local = (at or timezone.now()).astimezone(zoneinfo.ZoneInfo(school.time_zone)).time()
+    start, end = school.quiet_hours_start, school.quiet_hours_end
+    if start == end:
+        return False
+    if start > end:
+        return local >= start or local < end
+    return start <= local < end
 
 
 def _log_transition(delivery_id: int, mailing_id: int | None, to: str, **extra: object) -> None:
@@ -89,7 +126,61 @@ def dispatch_due(*, limit: int = 50) -> list[int]:
             mailing_id = _dispatch_one(model, pk)
             if mailing_id is not None:
                 created.append(mailing_id)
+    rounds = (
+        ReminderRound.objects.filter(
+            status=ReminderRound.Status.SCHEDULED,
+            send_at__lte=now,
+            slip__status__in=[SendStatus.SENDING, SendStatus.SENT],
+        )
+        .order_by("send_at")
+        .values_list("pk", flat=True)[:limit]
+    )
+    for pk in list(rounds):
+        mailing_id = _dispatch_reminder(pk)
+        if mailing_id is not None:
+            created.append(mailing_id)
     return created
+
+
+def _dispatch_reminder(pk: int) -> int | None:
+    """A reminder round goes to guardians of students with no response at this moment."""
+    now = timezone.now()
+    with transaction.atomic():
+        won = ReminderRound.objects.filter(pk=pk, status=ReminderRound.Status.SCHEDULED).update(
+            status=ReminderRound.Status.SENDING
+        )
+        if not won:
+            return None
+        rr = ReminderRound.objects.select_related("slip", "slip__school").get(pk=pk)
+        slip = rr.slip
+        if slip.due_at is not None and slip.due_at <= now:
+            ReminderRound.objects.filter(pk=pk).update(status=ReminderRound.Status.CANCELLED)
+            return None
+        answered = Response.objects.filter(slip=slip).values("student_id")
+        students = audience_students(slip.audience).exclude(pk__in=answered).values("pk")
+        mailing = Mailing.objects.create(
+            school=slip.school,
+            kind=Mailing.Kind.REMINDER,
+            slip=slip,
+            round=rr.number,
+            subject=slip.title,
+            body=slip.body,
+        )
+        total = deliveries_fan_out(
+            mailing=mailing, recipients=recipients_for_students(slip.school_id, students)
+        )
+        log.info(
+            "dispatched reminder %s of slip %s as mailing %s to %s recipients",
+            rr.number,
+            slip.pk,
+            mailing.pk,
+            total,
+            extra={"mailing_id": mailing.pk, "school_id": slip.school_id},
+        )
+        transaction.on_commit(lambda: nudges.enqueue_batches(mailing.pk, total))
+    if total == 0:
+        mailings_complete()
+    return mailing.pk
 
 
 def _dispatch_one(model: type[Slip] | type[Broadcast], pk: int) -> int | None:
@@ -632,6 +723,12 @@ def mailings_complete() -> int:
                 model.objects.filter(
                     pk=mailing.slip_id or mailing.broadcast_id, status=SendStatus.SENDING
                 ).update(status=SendStatus.SENT, completed_at=timezone.now())
+            else:
+                ReminderRound.objects.filter(
+                    slip_id=mailing.slip_id,
+                    number=mailing.round,
+                    status=ReminderRound.Status.SENDING,
+                ).update(status=ReminderRound.Status.SENT)
     return done
 
 
@@ -673,23 +770,64 @@ def mailings_cancel(*, source: Slip | Broadcast, actor: str = "") -> int:
     return deliveries_cancel(mailing_ids=ids, actor=actor)
 
 
-def deliveries_cancel(*, mailing_ids: list[int], actor: str = "", detail: str = "") -> int:
-    if not mailing_ids:
+def reminders_cancel_answered(*, slip: Slip, student_ids: Iterable[int]) -> int:
+    """After an answer: cancel reminder deliveries whose every child has now been answered.
+
+    Called inside the transaction that records the answer, so the answer and the
+    cancellation commit together. A delivery already submitting is past stopping.
+    """
+    answered = set(Response.objects.filter(slip=slip).values_list("student_id", flat=True))
+    candidates = Delivery.objects.filter(
+        mailing__slip=slip,
+        mailing__kind=Mailing.Kind.REMINDER,
+        status__in=[S.PENDING, S.CLAIMED, S.RETRY_WAIT],
+    )
+    ids: list[int] = []
+    for sid in set(student_ids):
+        for pk, kids in candidates.filter(student_ids__contains=[sid]).values_list(
+            "pk", "student_ids"
+        ):
+            if set(kids) <= answered:
+                ids.append(pk)
+    return deliveries_cancel(delivery_ids=ids, detail="answered before the reminder went out")
+
+
+def deliveries_cancel(
+    *,
+    mailing_ids: list[int] | None = None,
+    delivery_ids: list[int] | None = None,
+    actor: str = "",
+    detail: str = "",
+) -> int:
+    if not mailing_ids and not delivery_ids:
         return 0
     sql = f"""
-        WITH moved AS (
+        WITH old AS (
+            SELECT id, status FROM {D}
+            WHERE (mailing_id = ANY(%(ids)s) OR id = ANY(%(dids)s))
+              AND status IN ('pending', 'claimed', 'retry_wait')
+            FOR UPDATE
+        ), moved AS (
             UPDATE {D} d SET status = 'cancelled', lease_until = NULL,
                 updated_at = statement_timestamp()
-            WHERE d.mailing_id = ANY(%(ids)s)
-              AND d.status IN ('pending', 'claimed', 'retry_wait')
-            RETURNING d.id, d.attempt, d.status
+            FROM old
+            WHERE d.id = old.id AND d.status IN ('pending', 'claimed', 'retry_wait')
+            RETURNING d.id, d.attempt, old.status AS from_status
         )
         INSERT INTO {E} (delivery_id, attempt, from_status, to_status, detail, actor, at)
-        SELECT id, attempt, 'pending', 'cancelled', %(detail)s, %(actor)s,
+        SELECT id, attempt, from_status, 'cancelled', %(detail)s, %(actor)s,
             statement_timestamp() FROM moved
     """
     with connection.cursor() as cur:
-        cur.execute(sql, {"ids": mailing_ids, "actor": actor, "detail": detail or "cancelled"})
+        cur.execute(
+            sql,
+            {
+                "ids": mailing_ids or [],
+                "dids": delivery_ids or [],
+                "actor": actor,
+                "detail": detail or "cancelled",
+            },
+        )
         return cur.rowcount
 
 

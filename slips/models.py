@@ -6,6 +6,7 @@ Every row belongs to exactly one school (the tenant). Admin querysets and servic
 
 from __future__ import annotations
 
+import datetime as dt
 import zoneinfo
 
 from django.conf import settings
@@ -54,6 +55,10 @@ class School(models.Model):
     sending_paused = models.BooleanField(
         default=False, help_text="While set, no delivery of this school is claimed or sent."
     )
+    quiet_hours_start = models.TimeField(
+        default=dt.time(21, 0), help_text="Reminders wait from this local time …"
+    )
+    quiet_hours_end = models.TimeField(default=dt.time(7, 0), help_text="… until this one.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -252,6 +257,41 @@ class Slip(Sendable):
 class Broadcast(Sendable):
     class Meta(Sendable.Meta):
         indexes = [models.Index(fields=["status", "send_at"])]
+
+
+class ReminderRound(models.Model):
+    """A reminder of a slip to families who have not answered yet: its own message (mailing).
+
+    ```
+    scheduled --due, outside quiet hours (dispatch_due)--> sending --all terminal--> sent
+    scheduled --cancel--> cancelled
+    ```
+    """
+
+    class Status(models.TextChoices):
+        SCHEDULED = "scheduled", "Scheduled"
+        SENDING = "sending", "Sending"
+        SENT = "sent", "Sent"
+        CANCELLED = "cancelled", "Cancelled"
+
+    school = models.ForeignKey(School, on_delete=models.CASCADE, related_name="reminder_rounds")
+    slip = models.ForeignKey(Slip, on_delete=models.CASCADE, related_name="reminder_rounds")
+    number = models.PositiveSmallIntegerField(help_text="1 for the first reminder, 2 …")
+    send_at = models.DateTimeField()
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.SCHEDULED, db_index=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slip", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["slip", "number"], name="reminder_round_unique"),
+            models.CheckConstraint(condition=models.Q(number__gte=1), name="reminder_round_gte1"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Reminder {self.number} of {self.slip}"
 
 
 class Response(models.Model):

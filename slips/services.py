@@ -17,6 +17,7 @@ from django.utils import timezone
 from slips.audiences import audience_recipient_count
 from slips.models import (
     Broadcast,
+    ReminderRound,
     SendStatus,
     Slip,
     validate_body_size,
@@ -146,5 +147,42 @@ def message_cancel(*, message: Message) -> Message:
         if not updated:
             raise ValidationError("This message has already finished or been cancelled.")
         mailings_cancel(source=message)
+        if isinstance(message, Slip):
+            ReminderRound.objects.filter(
+                slip=message, status=ReminderRound.Status.SCHEDULED
+            ).update(status=ReminderRound.Status.CANCELLED)
     message.refresh_from_db()
     return message
+
+
+def slip_reminders_set(*, slip: Slip, days_before_due: list[int]) -> list[ReminderRound]:
+    """Replace the slip's future reminder rounds, e.g. ``[3, 1]`` days before the due date.
+
+    Rounds already sending or sent are kept and numbering continues after them, so a round
+    number (and with it the mailing's unique key) is never reused.
+    """
+    if slip.due_at is None:
+        raise ValidationError({"due_at": "Reminders need a due date."})
+    now = timezone.now()
+    times = sorted({slip.due_at - dt.timedelta(days=d) for d in days_before_due})
+    for at in times:
+        if at <= now:
+            raise ValidationError(f"A reminder {at:%Y-%m-%d %H:%M} would be in the past.")
+        if slip.send_at and at <= slip.send_at:
+            raise ValidationError("A reminder must come after the slip is sent.")
+    with transaction.atomic():
+        Slip.objects.select_for_update().filter(pk=slip.pk).first()
+        ReminderRound.objects.filter(slip=slip, status=ReminderRound.Status.SCHEDULED).delete()
+        last = (
+            ReminderRound.objects.filter(slip=slip)
+            .order_by("-number")
+            .values_list("number", flat=True)
+            .first()
+            or 0
+        )
+        return [
+            ReminderRound.objects.create(
+                school_id=slip.school_id, slip=slip, number=last + i, send_at=at
+            )
+            for i, at in enumerate(times, start=1)
+        ]

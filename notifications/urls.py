@@ -1,0 +1,3 @@
+"""Ops endpoints: health, readiness, metrics, provider webhooks."""
+
+urlpatterns: list = []

@@ -1,0 +1,3 @@
+"""Parents' pages, reached from signed links in their emails."""
+
+urlpatterns: list = []
