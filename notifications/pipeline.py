@@ -1,8 +1,8 @@
 """The only code that moves a delivery: dispatch, fan-out, claim, send, record, sweep.
 
 Read ../shared/DESIGN.md first. The rules this module keeps:
-- every transition is one conditional UPDATE fenced by ``attempt``, committed (autocommit)
-  before the next call to the mail server; zero rows updated means someone else owns the row;
+- every transition is one conditional UPDATE fenced by ``attempt``, committed before the next
+  call to the mail server; zero rows updated means someone else owns the row;
 - no transaction and no row lock is held across network I/O;
 - Redis and Celery only carry nudges: a lost or duplicated task changes nothing, because the
   sweeper re-enqueues work from the database and a duplicate finds nothing left to claim.
@@ -381,9 +381,9 @@ def delivery_record(*, claimed: Claimed, result: SendResult) -> str | None:
     """Record the outcome of one send. Returns the new status, or None if the fence lost."""
     tries = claimed.tries + 1
     outcome = result.outcome
+    # Definite answers are also taken from ``unknown``: the sweeper may have given up on us
+    # while the server was slow; a late reply for the same attempt is the truth and settles it.
     if outcome is Outcome.ACCEPTED:
-        # Also from ``unknown``: the sweeper may have given up on us while the server was
-        # slow; a late 250 for the same attempt is the truth and settles it.
         to = S.SENT
         ok = _transition(
             delivery_id=claimed.id,
@@ -400,7 +400,7 @@ def delivery_record(*, claimed: Claimed, result: SendResult) -> str | None:
         ok = _transition(
             delivery_id=claimed.id,
             attempt=claimed.attempt,
-            from_statuses=[S.SUBMITTING],
+            from_statuses=[S.SUBMITTING, S.UNKNOWN],
             to=to,
             detail=result.detail,
             sets="next_attempt_at = statement_timestamp() + make_interval(secs => %(delay)s), "
@@ -415,7 +415,7 @@ def delivery_record(*, claimed: Claimed, result: SendResult) -> str | None:
         ok = _transition(
             delivery_id=claimed.id,
             attempt=claimed.attempt,
-            from_statuses=[S.SUBMITTING],
+            from_statuses=[S.SUBMITTING, S.UNKNOWN],
             to=to,
             detail=detail,
             sets="lease_until = NULL, last_error = %(detail)s",

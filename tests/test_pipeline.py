@@ -289,3 +289,17 @@ def test_empty_audience_at_send_time_completes(school, redis_client):
     b.refresh_from_db()
     assert b.status == SendStatus.SENT
     assert not SendingSwitch.objects.filter(paused=True).exists()
+
+
+def test_late_definite_refusal_settles_an_unknown_for_the_same_attempt(school, redis_client):
+    from notifications.mailer import Outcome, SendResult
+
+    _scheduled_broadcast(school, families=1)
+    pipeline.dispatch_due()
+    [claim] = pipeline.deliveries_claim(limit=1)
+    assert pipeline.delivery_start(claimed=claim)
+    Delivery.objects.update(lease_until=timezone.now() - dt.timedelta(seconds=1))
+    pipeline.sweep()
+    refused = SendResult(Outcome.FAILED, "550 5.1.1 no such user")
+    assert pipeline.delivery_record(claimed=claim, result=refused) == S.FAILED
+    assert Delivery.objects.get().last_error == "550 5.1.1 no such user"
