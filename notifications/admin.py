@@ -129,6 +129,7 @@ class MailingAdmin(_OperateMixin, ReadOnlyTenantAdmin):
     )
     list_filter = ("status", "kind")
     search_fields = ("subject",)
+    ordering = ("-created_at",)  # Meta.ordering is dropped from GROUP BY queries
     date_hierarchy = "created_at"
     readonly_fields = ("deliveries_link",)
     actions = ["pause_mailings", "resume_mailings"]
