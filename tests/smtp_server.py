@@ -42,7 +42,7 @@ class Handler:
     rcpt_refusals: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         b = self.behaviour
         with self.lock:
             if b.fail_first > 0:
@@ -56,7 +56,7 @@ class Handler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+    async def handle_DATA(self, server, session, envelope):
         b = self.behaviour
         with self.lock:
             self.received_data += 1
