@@ -26,7 +26,6 @@ from slips.models import Guardian, Response, Slip, Student
 from slips.responses import response_record, slip_is_open
 
 LINK_SALT = "edsmart.parent-link.v1"
-DEFAULT_LINK_EXPIRY_DAYS = 60
 # Real tokens are ~40 characters; anything far longer is not ours and is not worth verifying.
 MAX_TOKEN_LENGTH = 256
 
@@ -58,7 +57,7 @@ def parent_link(*, delivery_id: int) -> str:
 
 def link_expiry_days() -> int:
     # Read at call time so a changed setting (or a test's override) applies at once.
-    return int(getattr(settings, "EDSMART_LINK_EXPIRY_DAYS", DEFAULT_LINK_EXPIRY_DAYS))
+    return settings.EDSMART_LINK_EXPIRY_DAYS
 
 
 def link_expires_at(*, delivery: Delivery) -> dt.datetime:
