@@ -191,6 +191,41 @@ CELERY_BEAT_SCHEDULE = {
 # --- Ops -----------------------------------------------------------------------------------------
 SENTRY_DSN = env_str("SENTRY_DSN", default="")
 FLOWER_BASIC_AUTH = env_str("FLOWER_BASIC_AUTH", default="")
+EDSMART_OPS_EMAILS = env_list("EDSMART_OPS_EMAILS", default=[])
+# Alerts about the mail provider should not depend on it: "" means EMAIL_BACKEND.
+EDSMART_ALERT_EMAIL_BACKEND = env_str("EDSMART_ALERT_EMAIL_BACKEND", default="")
+EDSMART_ALERT_BACKLOG_SECONDS = env_float("EDSMART_ALERT_BACKLOG_SECONDS", 900.0, minimum=1)
+EDSMART_ALERT_FAILURE_RATE = env_float("EDSMART_ALERT_FAILURE_RATE", 0.2, minimum=0)
+EDSMART_ALERT_FAILURE_WINDOW_SECONDS = env_float(
+    "EDSMART_ALERT_FAILURE_WINDOW_SECONDS", 900.0, minimum=1
+)
+EDSMART_ALERT_FAILURE_MIN_COUNT = env_int("EDSMART_ALERT_FAILURE_MIN_COUNT", 10, minimum=1)
+EDSMART_BEAT_MAX_AGE_SECONDS = env_float("EDSMART_BEAT_MAX_AGE_SECONDS", 120.0, minimum=15)
+EDSMART_WORKER_MAX_AGE_SECONDS = env_float("EDSMART_WORKER_MAX_AGE_SECONDS", 180.0, minimum=15)
+# Empty: /metrics answers 404.
+EDSMART_METRICS_TOKEN = env_str("EDSMART_METRICS_TOKEN", default="")
+EDSMART_METRICS_LATENCY_WINDOW_SECONDS = env_float(
+    "EDSMART_METRICS_LATENCY_WINDOW_SECONDS", 3600.0, minimum=60
+)
+EDSMART_WATCH_INTERVAL_SECONDS = env_float("EDSMART_WATCH_INTERVAL_SECONDS", 60.0, minimum=1)
+EDSMART_HEARTBEAT_INTERVAL_SECONDS = env_float(
+    "EDSMART_HEARTBEAT_INTERVAL_SECONDS", 30.0, minimum=1
+)
+CELERY_BEAT_SCHEDULE["watch"] = {
+    "task": "notifications.tasks.watch",
+    "schedule": EDSMART_WATCH_INTERVAL_SECONDS,
+    "options": {"expires": EDSMART_WATCH_INTERVAL_SECONDS},
+}
+CELERY_BEAT_SCHEDULE["heartbeat"] = {
+    "task": "notifications.tasks.heartbeat",
+    "schedule": EDSMART_HEARTBEAT_INTERVAL_SECONDS,
+    "options": {"expires": EDSMART_HEARTBEAT_INTERVAL_SECONDS},
+}
+ANYMAIL = {
+    "MAILGUN_WEBHOOK_SIGNING_KEY": env_str("MAILGUN_WEBHOOK_SIGNING_KEY", default=""),
+    # Optional extra basic auth on the webhook URL, "user:password".
+    "WEBHOOK_SECRET": env_str("ANYMAIL_WEBHOOK_SECRET", default=""),
+}
 
 LOG_JSON = env_bool("LOG_JSON", default=not DEBUG)
 LOG_LEVEL = env_str("LOG_LEVEL", default="INFO")

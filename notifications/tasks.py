@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from notifications import pipeline
+# heartbeats is imported for its Celery signal receivers: beat and workers import this module.
+from notifications import alerts, heartbeats, pipeline
 
 
 @shared_task(name="notifications.tasks.send_batch")
@@ -20,3 +21,15 @@ def dispatch_due() -> list[int]:
 @shared_task(name="notifications.tasks.sweep")
 def sweep() -> dict:
     return pipeline.sweep().__dict__
+
+
+@shared_task(name="notifications.tasks.watch")
+def watch() -> dict:
+    return alerts.watch().as_dict()
+
+
+@shared_task(name="notifications.tasks.heartbeat", bind=True)
+def heartbeat(self) -> str:
+    """Scheduled by beat; whichever worker runs it shows it is alive."""
+    heartbeats.worker_record(hostname=self.request.hostname or "unknown")
+    return self.request.hostname or "unknown"

@@ -1,0 +1,157 @@
+"""Prometheus metrics, read fresh from the database and the broker at every scrape.
+
+Nothing is counted in process: web, worker and beat processes each have their own memory,
+so an in-process counter would show one gunicorn worker's share. The database already records
+every send (``DeliveryEvent`` rows), so the send counter and the latency distribution are
+derived from it at scrape time:
+
+- ``edsmart_sends_total`` counts accepted-send events; ``rate()`` of it is the send rate.
+- ``edsmart_send_latency_seconds`` is a *gauge histogram* (fan-out to acceptance) over the
+  deliveries sent in the last ``EDSMART_METRICS_LATENCY_WINDOW_SECONDS``: a current
+  distribution, so use ``histogram_quantile`` on the buckets directly, without ``rate()``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+from collections.abc import Iterator
+
+import redis
+from django.conf import settings
+from django.db import connection
+from django.db.models import Count
+from django.utils import timezone
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+
+from notifications import heartbeats, monitoring
+from notifications.models import Alert, Delivery, DeliveryEvent, DeliveryStatus
+
+log = logging.getLogger("edsmart.metrics")
+
+QUEUES = ("send", "periodic")
+LATENCY_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+def latency_window() -> float:
+    return float(settings.EDSMART_METRICS_LATENCY_WINDOW_SECONDS)
+
+
+def send_latency(*, window_seconds: float) -> tuple[list[int], int, float]:
+    """Cumulative bucket counts, total count and sum of (sent_at - created_at), one query."""
+    table = Delivery._meta.db_table
+    lat = "EXTRACT(EPOCH FROM (sent_at - created_at))"
+    buckets = ", ".join(f"count(*) FILTER (WHERE {lat} <= %s)" for _ in LATENCY_BUCKETS)
+    sql = f"""
+        SELECT {buckets}, count(*), coalesce(sum({lat}), 0) FROM {table}
+        WHERE status = 'sent' AND sent_at >= %s
+    """  # noqa: S608 - the table name comes from model _meta; values are parameters
+    since = timezone.now() - dt.timedelta(seconds=window_seconds)
+    with connection.cursor() as cur:
+        cur.execute(sql, [*LATENCY_BUCKETS, since])
+        row = cur.fetchone()
+    return [int(n) for n in row[: len(LATENCY_BUCKETS)]], int(row[-2]), float(row[-1])
+
+
+def queue_lengths() -> dict[str, int] | None:
+    """Messages waiting in the Celery queues (Redis lists), or None if Redis is unreachable."""
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return {queue: int(client.llen(queue)) for queue in QUEUES}
+    except redis.RedisError:
+        log.warning("metrics: Redis unreachable", exc_info=True)
+        return None
+    finally:
+        client.close()
+
+
+class PipelineCollector:
+    """A custom collector: every ``collect`` runs the queries, so values are never stale."""
+
+    def collect(self) -> Iterator[Metric]:
+        by_status = GaugeMetricFamily(
+            "edsmart_deliveries", "Deliveries by status (all time).", labels=["status"]
+        )
+        for status, n in monitoring.delivery_status_counts().items():
+            by_status.add_metric([status], n)
+        yield by_status
+
+        backlog = monitoring.backlog()
+        yield GaugeMetricFamily(
+            "edsmart_backlog_deliveries",
+            "Deliveries pending, waiting to retry or claimed, of mailings that are sending.",
+            value=backlog.claimable,
+        )
+        yield GaugeMetricFamily(
+            "edsmart_oldest_pending_age_seconds",
+            "Age of the oldest backlog delivery (0 when there is none).",
+            value=backlog.oldest_pending_seconds or 0.0,
+        )
+
+        sends = DeliveryEvent.objects.filter(to_status=DeliveryStatus.SENT).count()
+        yield CounterMetricFamily(
+            "edsmart_sends", "Accepted sends recorded (events to 'sent').", value=sends
+        )
+
+        counts, total, total_sum = send_latency(window_seconds=latency_window())
+        hist = GaugeHistogramMetricFamily(
+            "edsmart_send_latency_seconds",
+            "Fan-out to acceptance, for deliveries sent within the latency window.",
+            buckets=[
+                *((str(float(b)), n) for b, n in zip(LATENCY_BUCKETS, counts, strict=True)),
+                ("+Inf", total),
+            ],
+            gsum_value=total_sum,
+        )
+        yield hist
+
+        lengths = queue_lengths()
+        yield GaugeMetricFamily(
+            "edsmart_broker_up", "1 if Redis answered this scrape.", value=int(lengths is not None)
+        )
+        queue = GaugeMetricFamily(
+            "edsmart_broker_queue_length", "Messages waiting in a Celery queue.", labels=["queue"]
+        )
+        for name, n in (lengths or {}).items():
+            queue.add_metric([name], n)
+        yield queue
+
+        age = heartbeats.beat_age_seconds()
+        yield GaugeMetricFamily(
+            "edsmart_beat_heartbeat_age_seconds",
+            "Seconds since celery beat last showed life (+Inf if never).",
+            value=math.inf if age is None else age,
+        )
+        yield GaugeMetricFamily(
+            "edsmart_workers_seen",
+            "Celery workers that showed life within EDSMART_WORKER_MAX_AGE_SECONDS.",
+            value=len(heartbeats.workers_seen()),
+        )
+
+        alerts = GaugeMetricFamily(
+            "edsmart_alerts_open", "Open alerts by severity.", labels=["severity"]
+        )
+        open_counts = dict(
+            Alert.objects.filter(cleared_at__isnull=True)
+            .order_by()
+            .values_list("severity")
+            .annotate(n=Count("id"))
+        )
+        for severity in Alert.Severity.values:
+            alerts.add_metric([severity], open_counts.get(severity, 0))
+        yield alerts
+
+
+registry = CollectorRegistry(auto_describe=False)
+registry.register(PipelineCollector())
+
+
+def render() -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,103 @@
+"""The ops page for superusers: every school's sending state, backlog, problems and alerts,
+with the pause switches one click away. Pausing and resuming go through
+``pipeline.sending_set_paused`` like the ``sending`` command and the admin actions do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from django.contrib import admin, messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from notifications import alerts, heartbeats, pipeline
+from notifications.models import Alert, SendingSwitch
+from slips.models import School
+
+RECENT_ALERTS = 30
+
+
+@dataclass(frozen=True)
+class SchoolRow:
+    school: School
+    stats: alerts.SchoolStats
+    open_alerts: int
+
+
+def ops_overview() -> dict:
+    """Everything the page shows, read in a handful of queries."""
+    stats = alerts.school_stats()
+    open_by_school: dict[int, int] = {}
+    for school_id in Alert.objects.filter(
+        cleared_at__isnull=True, school__isnull=False
+    ).values_list("school_id", flat=True):
+        open_by_school[school_id] = open_by_school.get(school_id, 0) + 1
+    rows = [
+        SchoolRow(
+            school=school,
+            stats=stats.get(school.pk, alerts.SchoolStats(school_id=school.pk)),
+            open_alerts=open_by_school.get(school.pk, 0),
+        )
+        for school in School.objects.order_by("name")
+    ]
+    since = timezone.now() - dt.timedelta(days=7)
+    return {
+        "switch": SendingSwitch.objects.filter(pk=1).first(),
+        "rows": rows,
+        "open_alerts": Alert.objects.filter(cleared_at__isnull=True).select_related("school"),
+        "recent_alerts": Alert.objects.filter(cleared_at__gte=since).select_related("school")[
+            :RECENT_ALERTS
+        ],
+        "beat_age": heartbeats.beat_age_seconds(),
+        "beat_max_age": heartbeats.beat_max_age(),
+        "workers": heartbeats.workers_seen(),
+        "failure_rate": alerts.failure_rate(),
+    }
+
+
+def _superuser(request: HttpRequest) -> None:
+    if not request.user.is_superuser:
+        raise PermissionDenied("The ops page is for superusers.")
+
+
+@staff_member_required
+def ops_page(request: HttpRequest) -> HttpResponse:
+    _superuser(request)
+    context = {**admin.site.each_context(request), "title": "Sending operations", **ops_overview()}
+    return render(request, "notifications/ops/index.html", context)
+
+
+@staff_member_required
+@require_POST
+def ops_sending(request: HttpRequest) -> HttpResponse:
+    """Pause or resume sending, globally or for one school (CSRF-protected POST)."""
+    _superuser(request)
+    action = request.POST.get("action")
+    if action not in {"pause", "resume"}:
+        return HttpResponse("action must be pause or resume", status=400)
+    scope = request.POST.get("scope", "")
+    school = None if scope == "global" else get_object_or_404(School, pk=_int(scope))
+    reason = request.POST.get("reason", "").strip()[:300]
+    pipeline.sending_set_paused(
+        paused=action == "pause",
+        actor=f"{request.user.get_username()} (ops page)",
+        school=school,
+        reason=reason,
+    )
+    where = school.name if school else "all schools"
+    messages.success(request, f"Sending {action}d for {where}.")
+    return HttpResponseRedirect(reverse("ops"))
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0
