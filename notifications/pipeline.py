@@ -27,7 +27,7 @@ from django.db import connection, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from notifications import nudges
+from notifications import log_context, nudges
 from notifications.mailer import Outcome, SendResult, build_email, message_id_for, send_one
 from notifications.models import (
     TERMINAL_STATUSES,
@@ -575,7 +575,12 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
                 pending.pop(0)
                 continue
             pending.pop(0)
-            result = send_one(connection=backend, message=email)
+            with log_context.ids(
+                school_id=cache.mailings[claimed.mailing_id].school_id,
+                mailing_id=claimed.mailing_id,
+                delivery_id=claimed.id,
+            ):
+                result = send_one(connection=backend, message=email)
             unrecorded = (claimed, result)
             if result.interrupted_by is not None:
                 interrupted = result.interrupted_by

@@ -5,11 +5,12 @@ from __future__ import annotations
 from celery import shared_task
 
 # heartbeats is imported for its Celery signal receivers: beat and workers import this module.
-from notifications import alerts, heartbeats, pipeline
+from notifications import alerts, heartbeats, log_context, pipeline
 
 
 @shared_task(name="notifications.tasks.send_batch")
 def send_batch(mailing_id: int | None = None) -> dict:
+    log_context.tag(mailing_id=mailing_id)
     return pipeline.batch_send(mailing_id=mailing_id).__dict__
 
 
