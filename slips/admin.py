@@ -2,7 +2,8 @@
 
 Kept thin: state changes of slips and broadcasts go through ``slips.services``, sending
 switches through ``notifications.pipeline``; validation reuses the model validators and
-``slips.services.message_validate_for_schedule`` (see ``slips.forms``).
+``slips.services.message_validate_for_schedule`` (see ``slips.forms``). A slip's answers and a
+broadcast's reach are views mixed in from ``slips.admin_answers``, reading ``slips.selectors``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.urls import path, reverse
-from django.utils.html import format_html
-from django.utils.http import urlencode
 
 from edsmart.admin_tenancy import (
     ReadOnlyTenantAdmin,
@@ -31,6 +30,7 @@ from edsmart.admin_tenancy import (
 from notifications import pipeline
 from notifications.admin import render_delivery_counts, render_delivery_log
 from slips import services
+from slips.admin_answers import BroadcastReachAdminMixin, SlipAnswersAdminMixin
 from slips.audiences import audience_recipient_count
 from slips.forms import SendableAdminForm
 from slips.models import (
@@ -403,7 +403,10 @@ class SendableAdmin(TenantAdmin):
 
 
 @admin.register(Slip)
-class SlipAdmin(SendableAdmin):
+class SlipAdmin(SlipAnswersAdminMixin, SendableAdmin):
+    """Slips, with their answers: counts on the change page, the rest on the answers page
+    (``slips.admin_answers``)."""
+
     content_fields = (
         "school",
         "title",
@@ -415,23 +418,29 @@ class SlipAdmin(SendableAdmin):
         "due_at",
     )
     list_display = ("title", "status", "send_at", "due_at", "audience", "created_at")
-    status_fields = (*SendableAdmin.status_fields, "responses")
     actions = [*SendableAdmin.actions, "export_responses_csv"]
 
-    @admin.display(description="responses")
-    def responses(self, obj: Slip) -> str:
-        if obj.pk is None:
-            return "—"
-        yes = obj.responses.filter(consent=True).count()
-        no = obj.responses.filter(consent=False).count()
-        url = reverse("admin:slips_response_changelist")
-        return format_html(
-            '{} yes, {} no — <a href="{}?{}">see responses</a>',
-            yes,
-            no,
-            url,
-            urlencode({"slip__id__exact": obj.pk}),
-        )
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> list:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is not None:
+            fieldsets.insert(2, ("Answers", {"fields": ("answer_counts",)}))
+        return fieldsets
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple:
+        return (*super().get_readonly_fields(request, obj), "answer_counts")
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict,
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Any = None,
+    ) -> HttpResponse:
+        if obj is not None and obj.pk is not None:
+            context["answers_url"] = reverse("admin:slips_slip_answers", args=[obj.pk])
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     @admin.action(description="Export responses of selected slips as CSV")
     def export_responses_csv(self, request: HttpRequest, queryset: QuerySet[Slip]) -> HttpResponse:
@@ -449,8 +458,15 @@ class SlipAdmin(SendableAdmin):
 
 
 @admin.register(Broadcast)
-class BroadcastAdmin(SendableAdmin):
-    pass
+class BroadcastAdmin(BroadcastReachAdminMixin, SendableAdmin):
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> list:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is not None:
+            fieldsets.insert(2, ("Reach", {"fields": ("reach",)}))
+        return fieldsets
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple:
+        return (*super().get_readonly_fields(request, obj), "reach")
 
 
 # --- responses -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Staff forms for slips and broadcasts.
+"""Staff forms for slips and broadcasts, and for an answer taken by phone.
 
 The rules live in one place: the model validators (title on one line, body size) run in the
 ModelForm's model validation, and everything else comes from
@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from django import forms
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from edsmart.admin_tenancy import TenantModelForm
-from slips.models import SendStatus
+from slips.audiences import audience_students
+from slips.models import Guardian, SendStatus, Slip, Student
 from slips.services import message_validate_for_schedule
 
 # Reported by the model validators already; the service repeats them for callers that skip
@@ -55,4 +57,59 @@ class SendableAdminForm(TenantModelForm):
                 target = field if field in self.fields else None
                 for text in texts:
                     self.add_error(target, text)
+        return cleaned
+
+
+class PhoneAnswerForm(forms.Form):
+    """An answer a parent gave by phone, taken down by staff for one student of the slip.
+
+    The choices are the slip's own: students of its audience, and guardians of those students
+    (only the chosen student's when the page was opened for one student). ``clean`` checks the
+    guardian against the student again, since a POST can name any pair.
+    """
+
+    student = forms.ModelChoiceField(queryset=Student.objects.none())
+    consent = forms.TypedChoiceField(
+        choices=[("yes", "Yes"), ("no", "No")],
+        coerce=lambda value: value == "yes",
+        widget=forms.RadioSelect,
+    )
+    answer = forms.CharField(
+        required=False,
+        label="Answer text",
+        max_length=2000,
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
+    )
+    guardian = forms.ModelChoiceField(
+        queryset=Guardian.objects.none(),
+        required=False,
+        label="Guardian who called",
+        help_text="Optional: who gave the answer.",
+    )
+
+    def __init__(self, *args: Any, slip: Slip, student: Student | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.slip = slip
+        students = audience_students(slip.audience) if slip.audience_id else Student.objects.none()
+        self.fields["student"].queryset = students.order_by("last_name", "first_name", "pk")
+        self.fields["consent"].label = slip.consent_question
+        if slip.free_text_question:
+            self.fields["answer"].label = slip.free_text_question
+        guardians = Guardian.objects.filter(school_id=slip.school_id)
+        if student is not None:
+            self.initial.setdefault("student", student.pk)
+            guardians = guardians.filter(students=student)
+        else:
+            guardians = guardians.filter(students__in=students.values("pk")).distinct()
+        self.fields["guardian"].queryset = guardians.order_by("name", "pk")
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        student, guardian = cleaned.get("student"), cleaned.get("guardian")
+        if (
+            student is not None
+            and guardian is not None
+            and not guardian.students.filter(pk=student.pk).exists()
+        ):
+            self.add_error("guardian", f"{guardian.name} is not a guardian of {student}.")
         return cleaned

@@ -574,3 +574,54 @@ def test_staff_without_membership_sees_nothing(world) -> None:
     client.force_login(stray)
     for model, _ in TENANT:
         assert client.get(_url(model, "changelist")).status_code == 403, model
+
+
+def _object_urls() -> list[tuple[type[models.Model], str, tuple[str, ...]]]:
+    """Every named admin URL that takes an object id, including each admin's own extra views
+    (transitions, a slip's answers, export and phone-answer form): (model, url name, other
+    path arguments)."""
+    found = []
+    for model, model_admin in TENANT:
+        for pattern in model_admin.get_urls():
+            converters = getattr(pattern.pattern, "converters", {})
+            if pattern.name and "object_id" in converters:
+                others = tuple(name for name in converters if name != "object_id")
+                found.append((model, pattern.name, others))
+    return found
+
+
+OBJECT_URLS = _object_urls()
+
+
+def test_object_urls_include_the_extra_views() -> None:
+    names = {name for _, name, _ in OBJECT_URLS}
+    assert {
+        "slips_slip_transition",
+        "slips_slip_answers",
+        "slips_slip_answers_export",
+        "slips_slip_answer_record",
+    } <= names
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "others"), OBJECT_URLS, ids=[name for _, name, _ in OBJECT_URLS]
+)
+def test_every_object_url_answers_404_for_another_schools_id(
+    world, own_client, model, name, others
+) -> None:
+    """A view that takes an object id loads it through the tenant queryset: the other school's
+    id is a 404 (or a 405 before the object is even looked up), never a page or a change."""
+    before = {m: _snapshot(obj) for m, obj in world["other"].rows.items()}
+    responses_before = Response.objects.filter(school=world["other"].school).count()
+    kwargs = {"object_id": world["other"].rows[model].pk, **dict.fromkeys(others, "cancel")}
+    url = reverse(f"admin:{name}", kwargs=kwargs)
+    student = world["other"].rows[Student].pk
+    got = {
+        "GET": own_client.get(url).status_code,
+        "POST": own_client.post(url, {"student": student, "consent": "no"}).status_code,
+    }
+    assert set(got.values()) <= {404, 405}, got
+    assert 404 in got.values(), got
+    after = {m: _snapshot(obj) for m, obj in world["other"].rows.items()}
+    assert after == before
+    assert Response.objects.filter(school=world["other"].school).count() == responses_before
