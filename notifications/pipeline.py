@@ -407,6 +407,12 @@ def delivery_record(*, claimed: Claimed, result: SendResult) -> str | None:
             "lease_until = NULL, last_error = %(detail)s",
             params={"delay": retry_delay_seconds(tries)},
         )
+        if ok:
+            # Coming from ``unknown``, the mailing may have completed meanwhile; reopen it so
+            # the retry is claimed and the mailing completes again after it.
+            Mailing.objects.filter(pk=claimed.mailing_id, status=Mailing.Status.COMPLETED).update(
+                status=Mailing.Status.SENDING, completed_at=None
+            )
     elif outcome in (Outcome.RETRY, Outcome.FAILED):
         to = S.FAILED
         detail = result.detail

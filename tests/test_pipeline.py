@@ -303,3 +303,23 @@ def test_late_definite_refusal_settles_an_unknown_for_the_same_attempt(school, r
     refused = SendResult(Outcome.FAILED, "550 5.1.1 no such user")
     assert pipeline.delivery_record(claimed=claim, result=refused) == S.FAILED
     assert Delivery.objects.get().last_error == "550 5.1.1 no such user"
+
+
+def test_late_temporary_refusal_after_completion_reopens_the_mailing(school, smtp, redis_client):
+    from notifications.mailer import Outcome, SendResult
+
+    _scheduled_broadcast(school, families=1)
+    [mailing_id] = pipeline.dispatch_due()
+    [claim] = pipeline.deliveries_claim(limit=1)
+    assert pipeline.delivery_start(claimed=claim)
+    Delivery.objects.update(lease_until=timezone.now() - dt.timedelta(seconds=1))
+    pipeline.sweep()  # unknown, and the mailing completes with it
+    assert Mailing.objects.get(pk=mailing_id).status == Mailing.Status.COMPLETED
+    late = SendResult(Outcome.RETRY, "451 4.3.0 try later")
+    assert pipeline.delivery_record(claimed=claim, result=late) == S.RETRY_WAIT
+    assert Mailing.objects.get(pk=mailing_id).status == Mailing.Status.SENDING
+    Delivery.objects.update(next_attempt_at=timezone.now())
+    _drain()
+    pipeline.sweep()
+    assert assert_exactly_once(smtp.accepted) == {S.SENT: 1}
+    assert Mailing.objects.get(pk=mailing_id).status == Mailing.Status.COMPLETED
