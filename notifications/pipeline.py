@@ -18,7 +18,9 @@ import time
 import zoneinfo
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import EmailMultiAlternatives, get_connection
@@ -293,8 +295,8 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
         "mailing_id": mailing_id,
         "lease": settings.EDSMART_CLAIM_LEASE_SECONDS,
     }
-    with connection.cursor() as cur:
-        cur.execute(sql, params)
+    with _prepared_cursor() as cur:
+        cur.execute(sql, params, prepare=True)
         rows = cur.fetchall()
     # Django leaves jsonb as text on raw cursors.
     claimed = [
@@ -304,32 +306,34 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
     return claimed
 
 
-def delivery_start(*, claimed: Claimed) -> bool:
-    """claimed -> submitting, only if we still hold the claim and sending is allowed.
+# Each transition is written as CTEs ("parts") so that the hot path can put the previous
+# delivery's outcome and the next delivery's start into ONE statement: one round trip and one
+# commit (one fsync) per email, with both durable before the next email goes out.
+Part = tuple[str, dict]
 
-    Committed before the mail server is contacted: from here on a crash leaves a
-    ``submitting`` row that the sweeper turns into ``unknown``, never a silent resend.
-    """
+
+def _start_part(claimed: Claimed) -> Part:
     sql = f"""
-        UPDATE {D} d SET status = 'submitting', tries = d.tries + 1,
-            submitted_at = statement_timestamp(),
-            lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
-            message_id_header = %(mid)s, updated_at = statement_timestamp()
-        WHERE d.id = %(id)s AND d.status = 'claimed' AND d.attempt = %(attempt)s
-          AND {SENDING_ALLOWED_SQL}
+        started AS (
+            UPDATE {D} d SET status = 'submitting', tries = d.tries + 1,
+                submitted_at = statement_timestamp(),
+                lease_until = statement_timestamp() + make_interval(secs => %(s_lease)s),
+                message_id_header = %(s_mid)s, updated_at = statement_timestamp()
+            WHERE d.id = %(s_id)s AND d.status = 'claimed' AND d.attempt = %(s_attempt)s
+              AND {SENDING_ALLOWED_SQL}
+            RETURNING d.id
+        )
     """
     params = {
-        "id": claimed.id,
-        "attempt": claimed.attempt,
-        "lease": settings.EDSMART_SUBMIT_LEASE_SECONDS,
-        "mid": message_id_for(claimed.id),
+        "s_id": claimed.id,
+        "s_attempt": claimed.attempt,
+        "s_lease": settings.EDSMART_SUBMIT_LEASE_SECONDS,
+        "s_mid": message_id_for(claimed.id),
     }
-    with connection.cursor() as cur:
-        cur.execute(sql, params)
-        return cur.rowcount == 1
+    return sql, params
 
 
-def _transition(
+def _transition_part(
     *,
     delivery_id: int,
     attempt: int | None,
@@ -339,22 +343,24 @@ def _transition(
     actor: str = "",
     sets: str = "",
     params: dict | None = None,
-) -> bool:
-    """One fenced UPDATE plus its audit event, in a single statement."""
+) -> Part:
+    """A fenced UPDATE of one row plus its audit event."""
     fence = "AND d.attempt = %(attempt)s" if attempt is not None else ""
     extra_sets = f", {sets}" if sets else ""
     sql = f"""
-        WITH old AS (
+        old AS (
             SELECT id, status FROM {D} WHERE id = %(id)s FOR UPDATE
         ), moved AS (
             UPDATE {D} d SET status = %(to)s, updated_at = statement_timestamp(){extra_sets}
             FROM old
             WHERE d.id = old.id AND d.status = ANY(%(from)s) {fence}
             RETURNING d.id, d.attempt, old.status AS from_status
+        ), logged AS (
+            INSERT INTO {E} (delivery_id, attempt, from_status, to_status, detail, actor, at)
+            SELECT id, attempt, from_status, %(to)s, %(detail)s, %(actor)s,
+                statement_timestamp() FROM moved
+            RETURNING delivery_id
         )
-        INSERT INTO {E} (delivery_id, attempt, from_status, to_status, detail, actor, at)
-        SELECT id, attempt, from_status, %(to)s, %(detail)s, %(actor)s,
-            statement_timestamp() FROM moved
     """
     all_params = {
         "id": delivery_id,
@@ -365,9 +371,49 @@ def _transition(
         "actor": actor[:150],
         **(params or {}),
     }
-    with connection.cursor() as cur:
-        cur.execute(sql, all_params)
-        return cur.rowcount == 1
+    return sql, all_params
+
+
+def _run(*, transition: Part | None = None, start: Part | None = None) -> tuple[bool, bool]:
+    """Run the parts as one statement. Returns (transition happened, start happened)."""
+    parts = [p for p in (transition, start) if p is not None]
+    counts = [
+        "(SELECT count(*) FROM logged)" if transition else "0",
+        "(SELECT count(*) FROM started)" if start else "0",
+    ]
+    sql = "WITH " + ", ".join(p[0] for p in parts) + " SELECT " + ", ".join(counts)
+    params: dict = {}
+    for p in parts:
+        params.update(p[1])
+    with _prepared_cursor() as cur:
+        cur.execute(sql, params, prepare=True)
+        moved, started = cur.fetchone()
+    return moved == 1, started == 1
+
+
+def _prepared_cursor() -> psycopg.Cursor:
+    """A server-side-binding cursor on Django's own connection, for the per-email statements.
+
+    Django binds parameters client-side, so PostgreSQL plans every statement afresh; for the
+    CTEs of the hot path planning cost more than executing (about 1 ms against 0.4 ms).
+    Prepared once per connection, they are planned once. Same connection, same transaction
+    state: inside an ``atomic`` block this still runs in that transaction.
+    """
+    connection.ensure_connection()
+    return psycopg.Cursor(connection.connection)
+
+
+def _transition(**kwargs: Any) -> bool:
+    return _run(transition=_transition_part(**kwargs))[0]
+
+
+def delivery_start(*, claimed: Claimed) -> bool:
+    """claimed -> submitting, only if we still hold the claim and sending is allowed.
+
+    Committed before the mail server is contacted: from here on a crash leaves a
+    ``submitting`` row that the sweeper turns into ``unknown``, never a silent resend.
+    """
+    return _run(start=_start_part(claimed))[1]
 
 
 def retry_delay_seconds(tries: int) -> float:
@@ -377,83 +423,95 @@ def retry_delay_seconds(tries: int) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
-def delivery_record(*, claimed: Claimed, result: SendResult) -> str | None:
-    """Record the outcome of one send. Returns the new status, or None if the fence lost."""
+def _record_part(claimed: Claimed, result: SendResult) -> tuple[str, Part]:
+    """The transition that records one send's outcome, and the status it leads to."""
     tries = claimed.tries + 1
     outcome = result.outcome
+    common = {"delivery_id": claimed.id, "attempt": claimed.attempt}
     # Definite answers are also taken from ``unknown``: the sweeper may have given up on us
     # while the server was slow; a late reply for the same attempt is the truth and settles it.
+    definite_from = [S.SUBMITTING, S.UNKNOWN]
     if outcome is Outcome.ACCEPTED:
-        to = S.SENT
-        ok = _transition(
-            delivery_id=claimed.id,
-            attempt=claimed.attempt,
-            from_statuses=[S.SUBMITTING, S.UNKNOWN],
-            to=to,
+        return S.SENT, _transition_part(
+            **common,
+            from_statuses=definite_from,
+            to=S.SENT,
             detail=result.provider_id,
             sets="sent_at = statement_timestamp(), provider_id = %(provider_id)s, "
             "lease_until = NULL, last_error = ''",
             params={"provider_id": result.provider_id},
         )
-    elif outcome is Outcome.RETRY and tries < settings.EDSMART_MAX_ATTEMPTS:
-        to = S.RETRY_WAIT
-        ok = _transition(
-            delivery_id=claimed.id,
-            attempt=claimed.attempt,
-            from_statuses=[S.SUBMITTING, S.UNKNOWN],
-            to=to,
+    if outcome is Outcome.RETRY and tries < settings.EDSMART_MAX_ATTEMPTS:
+        return S.RETRY_WAIT, _transition_part(
+            **common,
+            from_statuses=definite_from,
+            to=S.RETRY_WAIT,
             detail=result.detail,
             sets="next_attempt_at = statement_timestamp() + make_interval(secs => %(delay)s), "
             "lease_until = NULL, last_error = %(detail)s",
             params={"delay": retry_delay_seconds(tries)},
         )
-        if ok:
-            # Coming from ``unknown``, the mailing may have completed meanwhile; reopen it so
-            # the retry is claimed and the mailing completes again after it.
-            Mailing.objects.filter(pk=claimed.mailing_id, status=Mailing.Status.COMPLETED).update(
-                status=Mailing.Status.SENDING, completed_at=None
-            )
-    elif outcome in (Outcome.RETRY, Outcome.FAILED):
-        to = S.FAILED
+    if outcome in (Outcome.RETRY, Outcome.FAILED):
         detail = result.detail
         if outcome is Outcome.RETRY:
             detail = f"gave up after {tries} attempts: {detail}"
-        ok = _transition(
-            delivery_id=claimed.id,
-            attempt=claimed.attempt,
-            from_statuses=[S.SUBMITTING, S.UNKNOWN],
-            to=to,
+        return S.FAILED, _transition_part(
+            **common,
+            from_statuses=definite_from,
+            to=S.FAILED,
             detail=detail,
             sets="lease_until = NULL, last_error = %(detail)s",
         )
-    else:
-        to = S.UNKNOWN
-        ok = _transition(
-            delivery_id=claimed.id,
-            attempt=claimed.attempt,
-            from_statuses=[S.SUBMITTING],
-            to=to,
-            detail=result.detail,
-            sets="lease_until = NULL, last_error = %(detail)s",
-        )
-        if ok:
-            log.error(
-                "delivery %s outcome unknown: %s",
-                claimed.id,
-                result.detail,
-                extra={"delivery_id": claimed.id, "mailing_id": claimed.mailing_id},
-            )
+    return S.UNKNOWN, _transition_part(
+        **common,
+        from_statuses=[S.SUBMITTING],
+        to=S.UNKNOWN,
+        detail=result.detail,
+        sets="lease_until = NULL, last_error = %(detail)s",
+    )
+
+
+def _after_record(claimed: Claimed, result: SendResult, to: str, ok: bool) -> str | None:
     if not ok:
         log.warning(
             "delivery %s: outcome %s not recorded, row moved on (attempt %s)",
             claimed.id,
-            outcome.value,
+            result.outcome.value,
             claimed.attempt,
             extra={"delivery_id": claimed.id, "mailing_id": claimed.mailing_id},
         )
         return None
+    if to == S.RETRY_WAIT:
+        # Coming from ``unknown``, the mailing may have completed meanwhile; reopen it so
+        # the retry is claimed and the mailing completes again after it.
+        Mailing.objects.filter(pk=claimed.mailing_id, status=Mailing.Status.COMPLETED).update(
+            status=Mailing.Status.SENDING, completed_at=None
+        )
+    elif to == S.UNKNOWN:
+        log.error(
+            "delivery %s outcome unknown: %s",
+            claimed.id,
+            result.detail,
+            extra={"delivery_id": claimed.id, "mailing_id": claimed.mailing_id},
+        )
     _log_transition(claimed.id, claimed.mailing_id, to, attempt=claimed.attempt)
     return to
+
+
+def delivery_record(*, claimed: Claimed, result: SendResult) -> str | None:
+    """Record the outcome of one send. Returns the new status, or None if the fence lost."""
+    to, part = _record_part(claimed, result)
+    ok, _ = _run(transition=part)
+    return _after_record(claimed, result, to, ok)
+
+
+def delivery_record_and_start(
+    *, done: tuple[Claimed, SendResult], claimed: Claimed
+) -> tuple[str | None, bool]:
+    """Record the previous outcome and start the next delivery in one statement."""
+    to, part = _record_part(*done)
+    ok, started = _run(transition=part, start=_start_part(claimed))
+    return _after_record(*done, to, ok), started
 
 
 def claims_release(*, claims: Iterable[Claimed], delay_seconds: float = 0) -> int:
@@ -566,12 +624,13 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
                 report.stopped = "claim lease budget used up"
                 break
             email = cache.email_for(claimed)
-            # One commit per email: the previous outcome and this start share a transaction,
-            # and both are durable before this email goes out (a commit costs an fsync).
-            with transaction.atomic():
-                if unrecorded is not None:
-                    _count(report, delivery_record(claimed=unrecorded[0], result=unrecorded[1]))
+            # One statement per email: the previous outcome and this start commit together,
+            # both durable before this email goes out (a commit costs an fsync).
+            if unrecorded is None:
                 started = delivery_start(claimed=claimed)
+            else:
+                status, started = delivery_record_and_start(done=unrecorded, claimed=claimed)
+                _count(report, status)
             unrecorded = None
             if not started:
                 if not sending_allowed(mailing_id=claimed.mailing_id):
