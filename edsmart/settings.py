@@ -80,6 +80,10 @@ DATABASES = {
 }
 DATABASES["default"]["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", default=60, minimum=0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Server-side prepared statements for the send pipeline's per-email statements (Django's own
+# queries bind client-side and are unaffected). Turn off behind a transaction-mode pooler.
+if env_bool("DB_PREPARED_STATEMENTS", default=True):
+    DATABASES["default"]["OPTIONS"].setdefault("prepare_threshold", 5)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", default="redis://127.0.0.1:6379/0")

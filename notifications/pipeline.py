@@ -79,12 +79,18 @@ QUIET_HOURS_SQL = """
           AND (statement_timestamp() AT TIME ZONE s.time_zone)::time < s.quiet_hours_end
     END
 """
-SENDING_ALLOWED_SQL = f"""
+
+
+def _allowed_sql(mailing_id_sql: str) -> str:
+    return f"""
     EXISTS (SELECT 1 FROM {M} m JOIN {SC} s ON s.id = m.school_id
-            WHERE m.id = d.mailing_id AND m.status = 'sending' AND NOT s.sending_paused
+            WHERE m.id = {mailing_id_sql} AND m.status = 'sending' AND NOT s.sending_paused
               AND (m.kind <> 'reminder' OR NOT ({QUIET_HOURS_SQL})))
     AND NOT EXISTS (SELECT 1 FROM {SW} w WHERE w.paused)
 """
+
+
+SENDING_ALLOWED_SQL = _allowed_sql("d.mailing_id")
 
 
 def in_quiet_hours(*, school: School, at: dt.datetime | None = None) -> bool:
@@ -540,12 +546,10 @@ def claims_release(*, claims: Iterable[Claimed], delay_seconds: float = 0) -> in
 
 
 def sending_allowed(*, mailing_id: int) -> bool:
-    return (
-        not SendingSwitch.objects.filter(paused=True).exists()
-        and Mailing.objects.filter(
-            pk=mailing_id, status=Mailing.Status.SENDING, school__sending_paused=False
-        ).exists()
-    )
+    """The claim condition for one mailing (pauses, cancellation, quiet hours), on its own."""
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT {_allowed_sql('%(mailing_id)s')}", {"mailing_id": mailing_id})
+        return bool(cur.fetchone()[0])
 
 
 @dataclass
@@ -694,6 +698,8 @@ class SweepReport:
     claims_expired: int = 0
     submits_expired: int = 0
     auto_resent: int = 0
+    orphans_cancelled: int = 0
+    reopened: int = 0
     nudged: int = 0
     completed: int = 0
 
@@ -741,9 +747,43 @@ def sweep() -> SweepReport:
             extra={"delivery_id": delivery_id, "mailing_id": mailing_id, "status": S.UNKNOWN},
         )
     report.auto_resent = unknowns_auto_resend()
+    report.orphans_cancelled = deliveries_cancel_orphaned()
+    report.reopened = mailings_reopen()
     report.nudged = nudges.nudge_stalled()
     report.completed = mailings_complete()
     return report
+
+
+def deliveries_cancel_orphaned() -> int:
+    """Open rows of cancelled mailings, which nothing will ever claim.
+
+    A cancel skips rows already submitting; such a row can still come back with a 4xx
+    (retry_wait), an unknown can get a late 4xx, or a person can choose to resend one.
+    """
+    open_rows = Delivery.objects.filter(
+        mailing=OuterRef("pk"), status__in=[S.PENDING, S.CLAIMED, S.RETRY_WAIT]
+    )
+    ids = list(
+        Mailing.objects.filter(status=Mailing.Status.CANCELLED)
+        .filter(Exists(open_rows))
+        .values_list("pk", flat=True)
+    )
+    return deliveries_cancel(
+        mailing_ids=ids, actor="sweep", detail="message cancelled while this delivery was in flight"
+    )
+
+
+def mailings_reopen() -> int:
+    """completed -> sending for a mailing that has open rows again (a late 4xx on an unknown
+    that raced the completion), so the retry is claimed and the mailing completes after it."""
+    open_rows = Delivery.objects.filter(mailing=OuterRef("pk")).exclude(
+        status__in=list(TERMINAL_STATUSES)
+    )
+    return (
+        Mailing.objects.filter(status=Mailing.Status.COMPLETED)
+        .filter(Exists(open_rows))
+        .update(status=Mailing.Status.SENDING, completed_at=None)
+    )
 
 
 def unknowns_auto_resend() -> int:

@@ -19,7 +19,7 @@ from typing import TextIO
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
-from django.db import transaction
+from django.db import connection, transaction
 
 from slips.models import Group, Guardian, School, Student, normalize_email
 
@@ -337,7 +337,27 @@ def roster_import(*, school: School, file: TextIO) -> RosterResult:
         parser.parse(file)
         if parser.errors:
             raise RosterError(parser.errors)
-        return _write(school=school, parser=parser)
+        result = _write(school=school, parser=parser)
+    if result.students_created + result.guardians_created >= ANALYZE_AFTER_ROWS:
+        _refresh_planner_statistics()
+    return result
+
+
+# A school imported and sent to within the minute would otherwise be planned with the old,
+# near-empty statistics: measured here, recipient resolution for 3,000 families then took 15 s
+# (a nested loop over every guardian-student pair) instead of milliseconds.
+ANALYZE_AFTER_ROWS = 200
+
+
+def _refresh_planner_statistics() -> None:
+    tables = [
+        Student._meta.db_table,
+        Guardian._meta.db_table,
+        Guardian.students.through._meta.db_table,
+    ]
+    with connection.cursor() as cur:
+        for table in tables:
+            cur.execute(f'ANALYZE "{table}"')
 
 
 def _write(*, school: School, parser: _Parser) -> RosterResult:
