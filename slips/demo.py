@@ -10,19 +10,23 @@ Addresses use the reserved ``example.org`` domain: nothing seeded here can reach
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import os
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.utils import timezone
 
-from slips.models import Audience, Group, Membership, School
+from slips.models import Audience, Group, Membership, School, Slip
 from slips.roster import roster_import
+from slips.services import message_schedule
 
 # A demo login, printed by seed_demo and documented in the README; override with DEMO_PASSWORD.
 DEFAULT_DEMO_PASSWORD = "edsmart-demo"  # noqa: S105
 WHOLE_SCHOOL_AUDIENCE = "Whole school"
+DEMO_SLIP_TITLE = "Excursion to the zoo"
 YEAR_LEVELS = ("1", "2", "3", "4", "5", "6")
 CLASS_LETTERS = ("A", "B")
 
@@ -48,6 +52,7 @@ class DemoResult:
     students: int
     guardians: int
     groups: int
+    slip: Slip
 
 
 def demo_password() -> str:
@@ -147,6 +152,7 @@ def demo_seed(*, slug: str = "demo", families: int = 20) -> DemoResult:
         result = roster_import(school=school, file=io.StringIO(demo_roster_csv(families=families)))
         if not Audience.objects.filter(school=school, whole_school=True).exists():
             Audience.objects.create(school=school, name=WHOLE_SCHOOL_AUDIENCE, whole_school=True)
+        slip = _demo_slip(school=school, created_by=user)
     return DemoResult(
         school=school,
         username=username,
@@ -154,7 +160,29 @@ def demo_seed(*, slug: str = "demo", families: int = 20) -> DemoResult:
         students=result.students,
         guardians=result.guardians,
         groups=Group.objects.filter(school=school).count(),
+        slip=slip,
     )
+
+
+def _demo_slip(*, school: School, created_by: object) -> Slip:
+    """One slip scheduled for now, made once, so the mail catcher soon shows what parents get."""
+    existing = Slip.objects.filter(school=school, title=DEMO_SLIP_TITLE).first()
+    if existing is not None:
+        return existing
+    slip = Slip.objects.create(
+        school=school,
+        title=DEMO_SLIP_TITLE,
+        body=(
+            "Year 3 and 4 are visiting the zoo next Friday.\n\n"
+            "Students need a hat, water and a packed lunch. The bus leaves at 9:00."
+        ),
+        consent_question="May your child come on the excursion?",
+        free_text_question="Anything we should know (allergies, medication)?",
+        due_at=timezone.now() + dt.timedelta(days=14),
+        audience=Audience.objects.filter(school=school, whole_school=True).first(),
+        created_by=created_by,
+    )
+    return message_schedule(message=slip, send_at=timezone.now())
 
 
 def _group(school: School, name: str, kind: str) -> Group:

@@ -41,3 +41,7 @@ class Command(BaseCommand):
             f"{result.students} students, {result.guardians} guardians, {result.groups} groups."
         )
         self.stdout.write(f"Staff login: username {result.username} password {result.password}")
+        self.stdout.write(
+            f'Demo slip #{result.slip.pk} "{result.slip.title}" is scheduled; the worker sends it '
+            "and parents' emails show in the mail catcher."
+        )
