@@ -82,8 +82,12 @@ DATABASES["default"]["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", default=60, minim
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # Server-side prepared statements for the send pipeline's per-email statements (Django's own
 # queries bind client-side and are unaffected). Turn off behind a transaction-mode pooler.
+_db_options = DATABASES["default"]["OPTIONS"]
 if env_bool("DB_PREPARED_STATEMENTS", default=True):
-    DATABASES["default"]["OPTIONS"].setdefault("prepare_threshold", 5)
+    # A URL's query string gives text; psycopg needs a number.
+    _db_options["prepare_threshold"] = int(_db_options.get("prepare_threshold", 5))
+else:
+    _db_options.pop("prepare_threshold", None)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", default="redis://127.0.0.1:6379/0")

@@ -167,3 +167,17 @@ def test_check_deploy_is_clean_with_debug_off() -> None:
     assert result.returncode == 0, output
     assert "WARNINGS" not in output
     assert "no issues" in output
+
+
+def test_prepare_threshold_from_a_url_query_becomes_a_number() -> None:
+    env = _clean_env(
+        DEBUG="1",
+        DATABASE_URL="postgres://postgres@127.0.0.1:5432/edsmart?prepare_threshold=7",
+    )
+    code = "import edsmart.settings as s; print(repr(s.DATABASES['default']['OPTIONS']))"
+    result = _python(code, env)
+    assert result.returncode == 0, result.stderr
+    assert "'prepare_threshold': 7" in result.stdout
+    env["DB_PREPARED_STATEMENTS"] = "0"
+    result = _python(code, env)
+    assert "prepare_threshold" not in result.stdout
