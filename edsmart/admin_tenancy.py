@@ -341,6 +341,25 @@ class ReadOnlyTenantAdmin(TenantAdmin):
         return False
 
 
+class HistoryInline(admin.TabularInline):
+    """A read-only history table shown inside a page the user could already open."""
+
+    extra = 0
+    can_delete = False
+
+    def has_view_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return True
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
 class SuperuserOnlyAdmin(admin.ModelAdmin):
     """Platform-wide rows (memberships, the global switch): ops only, invisible to staff."""
 

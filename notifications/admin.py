@@ -18,6 +18,7 @@ from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
 from edsmart.admin_tenancy import (
+    HistoryInline,
     ReadOnlyTenantAdmin,
     SuperuserOnlyAdmin,
     is_ops,
@@ -207,26 +208,11 @@ class MailingAdmin(_OperateMixin, ReadOnlyTenantAdmin):
 # --- Delivery ------------------------------------------------------------------------------------
 
 
-class DeliveryEventInline(admin.TabularInline):
+class DeliveryEventInline(HistoryInline):
     model = DeliveryEvent
-    extra = 0
-    can_delete = False
     fields = ("at", "attempt", "from_status", "to_status", "detail", "actor")
     readonly_fields = fields
     ordering = ("at", "id")
-
-    def has_view_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        # Shown only inside a delivery page the user could already open.
-        return True
-
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
 
 
 @admin.register(Delivery)

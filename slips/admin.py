@@ -19,6 +19,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpR
 from django.urls import path, reverse
 
 from edsmart.admin_tenancy import (
+    HistoryInline,
     ReadOnlyTenantAdmin,
     SuperuserOnlyAdmin,
     TenantAdmin,
@@ -472,24 +473,10 @@ class BroadcastAdmin(BroadcastReachAdminMixin, SendableAdmin):
 # --- responses -----------------------------------------------------------------------------------
 
 
-class ResponseChangeInline(admin.TabularInline):
+class ResponseChangeInline(HistoryInline):
     model = ResponseChange
-    extra = 0
-    can_delete = False
     fields = ("answered_at", "consent", "answer", "guardian", "recorded_by")
     readonly_fields = fields
-
-    def has_view_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return True  # shown only within a response the user could already open
-
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
 
 
 @admin.register(Response)
