@@ -309,6 +309,8 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
         Claimed(*row[:6], json.loads(row[6]) if isinstance(row[6], str) else row[6]) for row in rows
     ]
     claimed.sort(key=lambda c: c.id)
+    for c in claimed:
+        _log_transition(c.id, c.mailing_id, S.CLAIMED, attempt=c.attempt)
     return claimed
 
 
@@ -419,7 +421,10 @@ def delivery_start(*, claimed: Claimed) -> bool:
     Committed before the mail server is contacted: from here on a crash leaves a
     ``submitting`` row that the sweeper turns into ``unknown``, never a silent resend.
     """
-    return _run(start=_start_part(claimed))[1]
+    started = _run(start=_start_part(claimed))[1]
+    if started:
+        _log_transition(claimed.id, claimed.mailing_id, S.SUBMITTING, attempt=claimed.attempt)
+    return started
 
 
 def retry_delay_seconds(tries: int) -> float:
@@ -517,6 +522,8 @@ def delivery_record_and_start(
     """Record the previous outcome and start the next delivery in one statement."""
     to, part = _record_part(*done)
     ok, started = _run(transition=part, start=_start_part(claimed))
+    if started:
+        _log_transition(claimed.id, claimed.mailing_id, S.SUBMITTING, attempt=claimed.attempt)
     return _after_record(*done, to, ok), started
 
 
@@ -532,6 +539,7 @@ def claims_release(*, claims: Iterable[Claimed], delay_seconds: float = 0) -> in
                     d.next_attempt_at END
         FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS c(id, attempt)
         WHERE d.id = c.id AND d.attempt = c.attempt AND d.status = 'claimed'
+        RETURNING d.id, d.mailing_id
     """
     with connection.cursor() as cur:
         cur.execute(
@@ -542,7 +550,10 @@ def claims_release(*, claims: Iterable[Claimed], delay_seconds: float = 0) -> in
                 "delay": delay_seconds,
             },
         )
-        return cur.rowcount
+        released = cur.fetchall()
+    for delivery_id, mailing_id in released:
+        _log_transition(delivery_id, mailing_id, S.PENDING, reason="claim given back")
+    return len(released)
 
 
 def sending_allowed(*, mailing_id: int) -> bool:
@@ -734,6 +745,8 @@ def sweep() -> SweepReport:
         from_status=S.CLAIMED, to=S.PENDING, detail="claim lease expired before the send started"
     )
     report.claims_expired = len(expired_claims)
+    for delivery_id, mailing_id in expired_claims:
+        _log_transition(delivery_id, mailing_id, S.PENDING, reason="claim lease expired")
     expired_submits = _expire(
         from_status=S.SUBMITTING,
         to=S.UNKNOWN,
@@ -927,6 +940,7 @@ def deliveries_cancel(
         INSERT INTO {E} (delivery_id, attempt, from_status, to_status, detail, actor, at)
         SELECT id, attempt, from_status, 'cancelled', %(detail)s, %(actor)s,
             statement_timestamp() FROM moved
+        RETURNING delivery_id
     """
     with connection.cursor() as cur:
         cur.execute(
@@ -938,7 +952,10 @@ def deliveries_cancel(
                 "detail": detail or "cancelled",
             },
         )
-        return cur.rowcount
+        cancelled = [row[0] for row in cur.fetchall()]
+    for delivery_id in cancelled:
+        _log_transition(delivery_id, None, S.CANCELLED, reason=detail or "cancelled")
+    return len(cancelled)
 
 
 def sending_set_paused(

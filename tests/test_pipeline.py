@@ -323,3 +323,23 @@ def test_late_temporary_refusal_after_completion_reopens_the_mailing(school, smt
     pipeline.sweep()
     assert assert_exactly_once(smtp.accepted) == {S.SENT: 1}
     assert Mailing.objects.get(pk=mailing_id).status == Mailing.Status.COMPLETED
+
+
+def test_every_state_change_is_logged_with_its_ids(school, smtp, redis_client, caplog):
+    import json
+    import logging
+
+    from pythonjsonlogger.json import JsonFormatter
+
+    _scheduled_broadcast(school, families=2)
+    [mailing_id] = pipeline.dispatch_due()
+    caplog.set_level(logging.INFO, logger="edsmart.pipeline")
+    pipeline.batch_send()
+    d = Delivery.objects.filter(mailing_id=mailing_id).first()
+    lines = [
+        json.loads(JsonFormatter("%(message)s").format(r))
+        for r in caplog.records
+        if getattr(r, "delivery_id", None) == d.pk
+    ]
+    assert [line["status"] for line in lines] == ["claimed", "submitting", "sent"]
+    assert all(line["mailing_id"] == mailing_id for line in lines)
