@@ -101,14 +101,15 @@ def _link_from_email(raw: bytes) -> str:
 
 
 def _wait_for_text(driver, text: str) -> None:
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
-        WebDriverWait(driver, WAIT_SECONDS).until(
-            lambda d: text in d.find_element(By.TAG_NAME, "body").text
-        )
+        # A submit navigates: the body found before the new page loads goes stale under us.
+        WebDriverWait(
+            driver, WAIT_SECONDS, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text)
     except TimeoutException:
         body = driver.find_element(By.TAG_NAME, "body").text
         raise AssertionError(f"{text!r} not shown at {driver.current_url}:\n{body}") from None
