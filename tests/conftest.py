@@ -52,3 +52,17 @@ def smtp(smtp_session, settings):
     settings.EMAIL_HOST_USER = ""
     settings.EMAIL_HOST_PASSWORD = ""
     return smtp_session
+
+
+@pytest.fixture
+def web_settings(settings):
+    """Plain HTTP and unhashed static files, as with DEBUG on, so the test client can render
+    the admin and parents' pages; production's HTTPS redirect is not what these tests test.
+    The MD5 hasher only makes creating users fast."""
+    settings.SECURE_SSL_REDIRECT = False
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+    return settings

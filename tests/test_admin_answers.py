@@ -37,20 +37,9 @@ from slips.models import Response, SendStatus
 from slips.responses import response_record
 from tests import factories
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("web_settings")]
 
 NOTE = "Mail scanners that follow links inflate this number."
-
-
-@pytest.fixture(autouse=True)
-def _admin_http(settings):
-    """Plain HTTP and unhashed static files, as with DEBUG on: the admin renders in tests."""
-    settings.SECURE_SSL_REDIRECT = False
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed only
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
 
 
 class World:

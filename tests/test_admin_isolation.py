@@ -39,20 +39,9 @@ from slips.models import (
 )
 from tests import factories
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("web_settings")]
 
 MARK = "ZZOTHER"
-
-
-@pytest.fixture(autouse=True)
-def _admin_http(settings):
-    """Plain HTTP and unhashed static files, as with DEBUG on: the admin renders in tests."""
-    settings.SECURE_SSL_REDIRECT = False
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed only
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
 
 
 @dataclass

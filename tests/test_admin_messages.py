@@ -27,18 +27,7 @@ from notifications.models import (
 from slips.models import Broadcast, Guardian, SendStatus, Slip
 from tests import factories
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _admin_http(settings):
-    """Plain HTTP and unhashed static files, as with DEBUG on: the admin renders in tests."""
-    settings.SECURE_SSL_REDIRECT = False
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed only
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("web_settings")]
 
 
 @pytest.fixture

@@ -33,13 +33,7 @@ from slips.models import Response, ResponseChange, Slip
 from slips.services import message_schedule
 from tests import factories
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _plain_http(settings) -> None:
-    """The test client speaks plain HTTP; production's HTTPS redirect is not under test here."""
-    settings.SECURE_SSL_REDIRECT = False
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("web_settings")]
 
 
 def _dispatch(message) -> list[Delivery]:
