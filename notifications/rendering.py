@@ -22,14 +22,16 @@ def render_parts(
     delivery_id: int,
     recipient_name: str,
     children: Iterable[str],
+    link: str | None = None,
 ) -> EmailParts:
+    """``link`` overrides the delivery's signed link (the stencils put a marker there)."""
     kind = "broadcast" if mailing.kind == Mailing.Kind.BROADCAST else "slip"
     context = {
         "mailing": mailing,
         "school_name": school_name,
         "recipient_name": recipient_name,
         "children": list(children),
-        "link": parent_link(delivery_id=delivery_id),
+        "link": parent_link(delivery_id=delivery_id) if link is None else link,
         "is_reminder": mailing.kind == Mailing.Kind.REMINDER,
     }
     subject = mailing.subject

@@ -21,6 +21,7 @@ class Accepted:
     delivery_id: int | None
     subject: str
     raw: bytes
+    mail_from: str = ""
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Behaviour:
     delay: float = 0.0  # seconds to wait before the final reply (a slow server)
     stall: float = 0.0  # seconds to stall after DATA; the message still counts as accepted
     fail_first: int = 0  # refuse the first N RCPTs with a 451, then behave
+    pipelining: bool = False  # offer PIPELINING (RFC 2920) in the EHLO reply
+    mail_reply: str | None = None  # e.g. "451 4.7.1 sender rate limited"
 
 
 @dataclass
@@ -41,6 +44,19 @@ class Handler:
     received_data: int = 0
     rcpt_refusals: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.behaviour.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.behaviour.mail_reply:
+            return self.behaviour.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         b = self.behaviour
@@ -77,6 +93,7 @@ class Handler:
                         delivery_id=int(header) if header else None,
                         subject=str(msg.get("Subject", "")),
                         raw=envelope.content,
+                        mail_from=envelope.mail_from,
                     )
                 )
         return "250 2.0.0 Ok: queued"
