@@ -7,6 +7,7 @@ import email
 import threading
 
 import pytest
+from django.conf import settings
 from django.db import connection, connections
 from django.utils import timezone
 
@@ -48,6 +49,30 @@ def test_broadcast_reaches_each_recipient_once(school, smtp, redis_client):
     assert Mailing.objects.get(pk=mailing_id).status == Mailing.Status.COMPLETED
     d = Delivery.objects.filter(mailing_id=mailing_id).first()
     assert d.message_id_header == message_id_for(d.pk)
+    assert {m.mail_from for m in smtp.accepted} == {settings.DEFAULT_FROM_EMAIL}
+
+
+def test_unusual_addresses_take_the_full_rendering_in_the_same_batch(school, smtp, redis_client):
+    """Stencils only fill in plain ASCII addresses; an internationalized domain is rendered in
+    full (and punycoded for the envelope) in the same batch, and both emails say the same."""
+    for address in ("plain@example.org", "parent@bücher.example"):
+        factories.make_guardian(
+            school=school, students=[factories.make_student(school=school)], email=address
+        )
+    _scheduled_broadcast(school, families=0)
+    pipeline.dispatch_due()
+    _drain()
+    assert sorted(m.rcpt for m in smtp.accepted) == [
+        "parent@xn--bcher-kva.example",
+        "plain@example.org",
+    ]
+    bodies = []
+    for accepted in smtp.accepted:
+        msg = email.message_from_bytes(accepted.raw)
+        assert msg["Message-ID"] == message_id_for(accepted.delivery_id)
+        text = msg.get_payload()[0].get_payload(decode=True).decode()
+        bodies.append(text.split("\n", 1)[1].split("Read online:")[0])  # after "Dear <name>"
+    assert bodies[0] == bodies[1]
 
 
 def test_siblings_sharing_an_address_get_one_email_naming_both(school, smtp, redis_client):
@@ -329,7 +354,7 @@ def test_every_state_change_is_logged_with_its_ids(school, smtp, redis_client, c
     import json
     import logging
 
-    from pythonjsonlogger.json import JsonFormatter
+    from edsmart.json_logs import JsonLineFormatter
 
     _scheduled_broadcast(school, families=2)
     [mailing_id] = pipeline.dispatch_due()
@@ -337,9 +362,12 @@ def test_every_state_change_is_logged_with_its_ids(school, smtp, redis_client, c
     pipeline.batch_send()
     d = Delivery.objects.filter(mailing_id=mailing_id).first()
     lines = [
-        json.loads(JsonFormatter("%(message)s").format(r))
+        json.loads(JsonLineFormatter().format(r))
         for r in caplog.records
         if getattr(r, "delivery_id", None) == d.pk
     ]
     assert [line["status"] for line in lines] == ["claimed", "submitting", "sent"]
     assert all(line["mailing_id"] == mailing_id for line in lines)
+    assert lines[0]["message"] == f"delivery {d.pk} -> claimed"
+    assert {"asctime", "levelname", "name"} <= lines[0].keys()
+    assert "args" not in lines[0] and "msg" not in lines[0]
