@@ -593,6 +593,10 @@ class BatchReport:
     stopped: str = ""
 
 
+# Stencils outlive a batch: a large broadcast is sent in many batches by the same processes.
+STENCILS = StencilBook()
+
+
 class _MailingCache:
     """Per-batch cache of the mailing, school and students a batch renders with."""
 
@@ -608,17 +612,21 @@ class _MailingCache:
                 "pk", "first_name", "last_name"
             )
         }
-        self.stencils = StencilBook()
+        self.senders = {
+            m.pk: {
+                "school_name": m.school.display_sender_name,
+                "from_email": sender_of(m.school),
+                "reply_to": m.school.sender_email,
+            }
+            for m in self.mailings.values()
+        }
 
     def _inputs(self, claimed: Claimed) -> dict:
         mailing = self.mailings[claimed.mailing_id]
-        school = mailing.school
         children = [] if mailing.kind == Mailing.Kind.BROADCAST else claimed.student_ids or []
         return {
             "mailing": mailing,
-            "school_name": school.display_sender_name,
-            "from_email": sender_of(school),
-            "reply_to": school.sender_email,
+            **self.senders[claimed.mailing_id],
             "delivery_id": claimed.id,
             "to": claimed.email,
             "recipient_name": claimed.recipient_name,
@@ -633,7 +641,7 @@ class _MailingCache:
         """The email to send: filled in from the mailing's stencil when the backend takes raw
         bytes (SMTP) and the recipient's values allow it, rendered in full otherwise."""
         if raw_ok:
-            raw = self.stencils.email_for(**self._inputs(claimed))
+            raw = STENCILS.email_for(**self._inputs(claimed))
             if raw is not None:
                 return raw
         return self.email_for(claimed)

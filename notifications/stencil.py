@@ -10,7 +10,8 @@ A stencil must produce exactly the bytes the templates and Django would. Three g
 so: values that would serialize differently (an address that is not plain ASCII, line breaks,
 a line over the RFC 5322 limit, which switches Django to quoted-printable) take the slow path;
 each stencil's first email is compared byte for byte with the slow path (same date, same MIME
-boundary), and a stencil that differs is dropped for the batch with an error logged; and a
+boundary), and a stencil that differs is dropped with an error logged, its mailing's emails
+then rendered in full; and a
 property test compares the two paths over arbitrary names, children and addresses.
 """
 
@@ -20,7 +21,8 @@ import logging
 import re
 import secrets
 import smtplib
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 from email.utils import formatdate
 
 from django.conf import settings
@@ -82,15 +84,19 @@ class Stencil:
         return b"".join(out)
 
 
-@dataclass
 class StencilBook:
-    """The stencils of one batch, built on first use, one per mailing and template variant.
+    """Stencils built on first use, one per mailing, sender and template variant.
 
     The variant is what the templates branch on besides the slots themselves: whether the
-    recipient has a name (``default`` filter) and whether children are listed (``if``).
+    recipient has a name (``default`` filter) and whether children are listed (``if``). The
+    key holds everything else a stencil is made from (the mailing's frozen subject and body,
+    the sender), so a changed school name makes a new stencil rather than reusing a stale one.
+    At most ``size`` are kept, the least recently used dropped first.
     """
 
-    stencils: dict[tuple[int, bool, bool], Stencil | None] = field(default_factory=dict)
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.stencils: OrderedDict[tuple, Stencil | None] = OrderedDict()
 
     def email_for(
         self,
@@ -110,16 +116,31 @@ class StencilBook:
             _LINE_BREAK.search(v) or _TOKEN in v or _BOUNDARY in v for v in values
         ):
             return None
-        key = (mailing.pk, bool(recipient_name), bool(children))
-        if key not in self.stencils:
+        has_name, has_children = bool(recipient_name), bool(children)
+        key = (
+            mailing.pk,
+            mailing.kind,
+            mailing.subject,
+            mailing.body,
+            school_name,
+            from_email,
+            reply_to,
+            has_name,
+            has_children,
+        )
+        if key in self.stencils:
+            self.stencils.move_to_end(key)
+        else:
             self.stencils[key] = _build(
                 mailing=mailing,
                 school_name=school_name,
                 from_email=from_email,
                 reply_to=reply_to,
-                has_name=key[1],
-                has_children=key[2],
+                has_name=has_name,
+                has_children=has_children,
             )
+            while len(self.stencils) > self.size:
+                self.stencils.popitem(last=False)
         stencil = self.stencils[key]
         if stencil is None:
             return None
@@ -161,7 +182,7 @@ class StencilBook:
             if filled != reference:
                 log.error(
                     "email stencil for mailing %s differs from its templates; "
-                    "this batch renders each email in full",
+                    "its emails are rendered in full",
                     mailing.pk,
                     extra={"mailing_id": mailing.pk},
                 )

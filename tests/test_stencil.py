@@ -125,6 +125,18 @@ def test_a_stencil_that_differs_from_its_templates_is_dropped(monkeypatch, caplo
             inputs = _inputs(mailing, "School", 20 + i, f"p{i}@example.org", "Ann", [])
             assert book.email_for(**inputs) is None
     assert [r.getMessage() for r in caplog.records] == [
-        "email stencil for mailing 9 differs from its templates; this batch renders each "
-        "email in full"
+        "email stencil for mailing 9 differs from its templates; its emails are rendered in full"
     ]
+
+
+def test_stencils_follow_a_changed_sender_and_are_bounded():
+    mailing = Mailing(pk=10, kind=Mailing.Kind.BROADCAST, subject="News", body="Hello")
+    book = StencilBook(size=2)
+    first = book.email_for(**_inputs(mailing, "Old Name", 30, "p@example.org", "Ann", []))
+    renamed = book.email_for(**_inputs(mailing, "New Name", 31, "p@example.org", "Ann", []))
+    assert email.message_from_bytes(first.payload)["From"] == f"Old Name <{FROM}>"
+    assert email.message_from_bytes(renamed.payload)["From"] == f"New Name <{FROM}>"
+    other = Mailing(pk=11, kind=Mailing.Kind.BROADCAST, subject="More", body="Hi")
+    assert book.email_for(**_inputs(other, "New Name", 32, "p@example.org", "Ann", []))
+    assert len(book.stencils) == 2
+    assert [key[0] for key in book.stencils] == [10, 11]  # the oldest ("Old Name") went first
