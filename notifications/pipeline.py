@@ -41,7 +41,7 @@ from notifications.models import (
     SendingSwitch,
     sender_of,
 )
-from notifications.stencil import StencilBook, full_email
+from notifications.stencil import EmailInputs, StencilBook, full_email
 from slips.audiences import (
     Recipient,
     audience_recipients,
@@ -621,27 +621,27 @@ class _MailingCache:
             for m in self.mailings.values()
         }
 
-    def _inputs(self, claimed: Claimed) -> dict:
+    def _inputs(self, claimed: Claimed) -> EmailInputs:
         mailing = self.mailings[claimed.mailing_id]
         children = [] if mailing.kind == Mailing.Kind.BROADCAST else claimed.student_ids or []
-        return {
-            "mailing": mailing,
+        return EmailInputs(
+            mailing=mailing,
             **self.senders[claimed.mailing_id],
-            "delivery_id": claimed.id,
-            "to": claimed.email,
-            "recipient_name": claimed.recipient_name,
-            "children": [self.students[s] for s in children if s in self.students],
-        }
+            delivery_id=claimed.id,
+            to=claimed.email,
+            recipient_name=claimed.recipient_name,
+            children=[self.students[s] for s in children if s in self.students],
+        )
 
     def email_for(self, claimed: Claimed) -> EmailMultiAlternatives:
         """The email rendered in full, as any Django email backend can send it."""
-        return full_email(**self._inputs(claimed))
+        return full_email(self._inputs(claimed))
 
     def outgoing_for(self, claimed: Claimed, *, raw_ok: bool) -> EmailMultiAlternatives | RawEmail:
         """The email to send: filled in from the mailing's stencil when the backend takes raw
         bytes (SMTP) and the recipient's values allow it, rendered in full otherwise."""
         if raw_ok:
-            raw = STENCILS.email_for(**self._inputs(claimed))
+            raw = STENCILS.email_for(self._inputs(claimed))
             if raw is not None:
                 return raw
         return self.email_for(claimed)

@@ -65,6 +65,20 @@ def _plain_address(address: str) -> bool:
     return len(address) <= _MAX_PLAIN_ADDRESS and bool(_PLAIN_ADDRESS.match(address))
 
 
+@dataclass(frozen=True)
+class EmailInputs:
+    """Everything one delivery's email is made from."""
+
+    mailing: Mailing
+    school_name: str
+    from_email: str
+    reply_to: str
+    delivery_id: int
+    to: str
+    recipient_name: str
+    children: list[str]
+
+
 @dataclass
 class Stencil:
     """One variant of one mailing's email: literal byte segments with slot names between."""
@@ -98,19 +112,14 @@ class StencilBook:
         self.size = size
         self.stencils: OrderedDict[tuple, Stencil | None] = OrderedDict()
 
-    def email_for(
-        self,
-        *,
-        mailing: Mailing,
-        school_name: str,
-        from_email: str,
-        reply_to: str,
-        delivery_id: int,
-        to: str,
-        recipient_name: str,
-        children: list[str],
-    ) -> RawEmail | None:
+    def email_for(self, inputs: EmailInputs) -> RawEmail | None:
         """The serialized email, or None when this recipient needs the slow path."""
+        mailing, to, recipient_name, children = (
+            inputs.mailing,
+            inputs.to,
+            inputs.recipient_name,
+            inputs.children,
+        )
         values = [recipient_name, *children]
         if not _plain_address(to) or any(
             _LINE_BREAK.search(v) or _TOKEN in v or _BOUNDARY in v for v in values
@@ -122,29 +131,23 @@ class StencilBook:
             mailing.kind,
             mailing.subject,
             mailing.body,
-            school_name,
-            from_email,
-            reply_to,
+            inputs.school_name,
+            inputs.from_email,
+            inputs.reply_to,
             has_name,
             has_children,
         )
         if key in self.stencils:
             self.stencils.move_to_end(key)
         else:
-            self.stencils[key] = _build(
-                mailing=mailing,
-                school_name=school_name,
-                from_email=from_email,
-                reply_to=reply_to,
-                has_name=has_name,
-                has_children=has_children,
-            )
+            self.stencils[key] = _build(inputs, has_name=has_name, has_children=has_children)
             while len(self.stencils) > self.size:
                 self.stencils.popitem(last=False)
         stencil = self.stencils[key]
         if stencil is None:
             return None
         date = formatdate(localtime=settings.EMAIL_USE_LOCALTIME)
+        delivery_id = inputs.delivery_id
         link = parent_link(delivery_id=delivery_id)
         kids = ", ".join(children)
         non_ascii = not (recipient_name.isascii() and kids.isascii())
@@ -167,19 +170,7 @@ class StencilBook:
         if max(map(len, filled.split(b"\r\n"))) > MAX_LINE_BYTES:
             return None
         if not stencil.verified:
-            reference = reference_bytes(
-                mailing=mailing,
-                school_name=school_name,
-                from_email=from_email,
-                reply_to=reply_to,
-                delivery_id=delivery_id,
-                to=to,
-                recipient_name=recipient_name,
-                children=children,
-                date=date,
-                link=link,
-            )
-            if filled != reference:
+            if filled != reference_bytes(inputs, date=date, link=link):
                 log.error(
                     "email stencil for mailing %s differs from its templates; "
                     "its emails are rendered in full",
@@ -193,82 +184,55 @@ class StencilBook:
 
 
 def full_email(
-    *,
-    mailing: Mailing,
-    school_name: str,
-    from_email: str,
-    reply_to: str,
-    delivery_id: int,
-    to: str,
-    recipient_name: str,
-    children: list[str],
-    date: str | None = None,
-    link: str | None = None,
+    inputs: EmailInputs, *, date: str | None = None, link: str | None = None
 ) -> EmailMultiAlternatives:
     """The slow path: the templates rendered and the message built for one recipient."""
     parts = render_parts(
-        mailing=mailing,
-        school_name=school_name,
-        delivery_id=delivery_id,
-        recipient_name=recipient_name,
-        children=children,
+        mailing=inputs.mailing,
+        school_name=inputs.school_name,
+        delivery_id=inputs.delivery_id,
+        recipient_name=inputs.recipient_name,
+        children=inputs.children,
         link=link,
     )
     return build_email(
-        delivery_id=delivery_id,
-        to=to,
-        from_email=from_email,
-        reply_to=reply_to,
+        delivery_id=inputs.delivery_id,
+        to=inputs.to,
+        from_email=inputs.from_email,
+        reply_to=inputs.reply_to,
         parts=parts,
         date=date,
     )
 
 
-def reference_bytes(*, date: str, link: str, **kwargs: object) -> bytes:
+def reference_bytes(inputs: EmailInputs, *, date: str, link: str) -> bytes:
     """The slow path's bytes with the given date, link (signed links carry a timestamp) and
     the stencils' boundary, for comparison."""
-    msg = full_email(date=date, link=link, **kwargs).message()  # type: ignore[arg-type]
+    msg = full_email(inputs, date=date, link=link).message()
     msg.set_boundary(_BOUNDARY)
     return msg.as_bytes(linesep="\r\n")
 
 
-def _build(
-    *,
-    mailing: Mailing,
-    school_name: str,
-    from_email: str,
-    reply_to: str,
-    has_name: bool,
-    has_children: bool,
-) -> Stencil | None:
-    def marked(prefix: str) -> dict:
-        return {
-            "recipient_name": _marker(f"{prefix}name") if has_name else "",
-            "children": [_marker(f"{prefix}kids")] if has_children else [],
-            "link": _marker(f"{prefix}link"),
-        }
+def _build(inputs: EmailInputs, *, has_name: bool, has_children: bool) -> Stencil | None:
+    def marked(prefix: str) -> EmailParts:
+        return render_parts(
+            mailing=inputs.mailing,
+            school_name=inputs.school_name,
+            delivery_id=0,
+            recipient_name=_marker(f"{prefix}name") if has_name else "",
+            children=[_marker(f"{prefix}kids")] if has_children else [],
+            link=_marker(f"{prefix}link"),
+        )
 
     # The text part comes from a rendering with text markers, the HTML part from one with
     # HTML markers, so each slot knows which escaping its value needs.
-    text = render_parts(
-        mailing=mailing,
-        school_name=school_name,
-        delivery_id=0,
-        **marked("t"),
-    )
-    html = render_parts(
-        mailing=mailing,
-        school_name=school_name,
-        delivery_id=0,
-        **marked("h"),
-    )
-    parts = EmailParts(subject=text.subject, text=text.text, html=html.html)
+    text, html = marked("t"), marked("h")
     email = build_email(
         delivery_id=0,
         to=_address_marker(),
-        from_email=from_email,
-        reply_to=reply_to,
-        parts=parts,
+        from_email=inputs.from_email,
+        reply_to=inputs.reply_to,
+        parts=EmailParts(subject=text.subject, text=text.text, html=html.html),
         date=_marker("date"),
         message_id=_marker("mid"),
         delivery_header=_marker("did"),
@@ -288,7 +252,9 @@ def _build(
         segments=pieces[0::2],
         slots=[p.decode() for p in pieces[1::2]],
         # The envelope sender: the bare address, as smtplib would put it in MAIL FROM.
-        from_addr=smtplib.quoteaddr(sanitize_address(from_email, settings.DEFAULT_CHARSET))[1:-1],
+        from_addr=smtplib.quoteaddr(sanitize_address(inputs.from_email, settings.DEFAULT_CHARSET))[
+            1:-1
+        ],
         text_8bit=encodings[0],
         html_8bit=encodings[1],
     )

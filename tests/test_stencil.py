@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 
 from notifications import stencil as stencil_module
 from notifications.models import Mailing
-from notifications.stencil import MAX_LINE_BYTES, StencilBook, full_email, reference_bytes
+from notifications.stencil import (
+    MAX_LINE_BYTES,
+    EmailInputs,
+    StencilBook,
+    full_email,
+    reference_bytes,
+)
 
 FROM = "noreply@edsmart.localhost"
 
@@ -37,17 +43,17 @@ bodies = st.text(max_size=400) | st.sampled_from(
 school_names = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=40)
 
 
-def _inputs(mailing, school, delivery_id, to, name, children) -> dict:
-    return {
-        "mailing": mailing,
-        "school_name": school,
-        "from_email": formataddr((school, FROM)),
-        "reply_to": "office@school.example",
-        "delivery_id": delivery_id,
-        "to": to,
-        "recipient_name": name,
-        "children": children,
-    }
+def _inputs(mailing, school, delivery_id, to, name, children) -> EmailInputs:
+    return EmailInputs(
+        mailing=mailing,
+        school_name=school,
+        from_email=formataddr((school, FROM)),
+        reply_to="office@school.example",
+        delivery_id=delivery_id,
+        to=to,
+        recipient_name=name,
+        children=children,
+    )
 
 
 def _stamps(payload: bytes) -> dict:
@@ -76,7 +82,7 @@ def test_stencil_bytes_equal_the_full_rendering(
     warm_up = _inputs(
         mailing, school, 1, "first@example.org", "Ann" if name else "", ["Kid"] if children else []
     )
-    first = book.email_for(**warm_up)
+    first = book.email_for(warm_up)
     long_body = any(len(line.encode()) > MAX_LINE_BYTES for line in body.splitlines())
     if long_body:
         assert first is None  # quoted-printable: the slow path takes every email
@@ -84,12 +90,12 @@ def test_stencil_bytes_equal_the_full_rendering(
         assert first is not None
     effective_children = [] if kind == Mailing.Kind.BROADCAST else children
     inputs = _inputs(mailing, school, delivery_id, to, name, effective_children)
-    filled = book.email_for(**inputs)
+    filled = book.email_for(inputs)
     if filled is None:
-        full_email(**inputs).message().as_bytes()  # the slow path copes with these values
+        full_email(inputs).message().as_bytes()  # the slow path copes with these values
         return
     assert filled.to_addr == to
-    assert filled.payload == reference_bytes(**_stamps(filled.payload), **inputs)
+    assert filled.payload == reference_bytes(inputs, **_stamps(filled.payload))
 
 
 def test_ordinary_recipients_take_the_stencil_path():
@@ -97,10 +103,10 @@ def test_ordinary_recipients_take_the_stencil_path():
     book = StencilBook()
     for i, (name, kids) in enumerate([("Ann Lee", ["Tom Lee"]), ("Zoë Müller", ["Åsa", "Bo"])]):
         inputs = _inputs(mailing, "École du Parc", 10 + i, f"p{i}@example.org", name, kids)
-        filled = book.email_for(**inputs)
+        filled = book.email_for(inputs)
         assert filled is not None
         assert (filled.from_addr, filled.to_addr) == (FROM, f"p{i}@example.org")
-        assert filled.payload == reference_bytes(**_stamps(filled.payload), **inputs)
+        assert filled.payload == reference_bytes(inputs, **_stamps(filled.payload))
         parsed = email.message_from_bytes(filled.payload)
         text, html = (p.get_payload(decode=True).decode() for p in parsed.get_payload())
         assert name in text and ", ".join(kids) in text and name in html
@@ -123,7 +129,7 @@ def test_a_stencil_that_differs_from_its_templates_is_dropped(monkeypatch, caplo
     with caplog.at_level(logging.ERROR, logger="edsmart.stencil"):
         for i in range(2):
             inputs = _inputs(mailing, "School", 20 + i, f"p{i}@example.org", "Ann", [])
-            assert book.email_for(**inputs) is None
+            assert book.email_for(inputs) is None
     assert [r.getMessage() for r in caplog.records] == [
         "email stencil for mailing 9 differs from its templates; its emails are rendered in full"
     ]
@@ -132,11 +138,11 @@ def test_a_stencil_that_differs_from_its_templates_is_dropped(monkeypatch, caplo
 def test_stencils_follow_a_changed_sender_and_are_bounded():
     mailing = Mailing(pk=10, kind=Mailing.Kind.BROADCAST, subject="News", body="Hello")
     book = StencilBook(size=2)
-    first = book.email_for(**_inputs(mailing, "Old Name", 30, "p@example.org", "Ann", []))
-    renamed = book.email_for(**_inputs(mailing, "New Name", 31, "p@example.org", "Ann", []))
+    first = book.email_for(_inputs(mailing, "Old Name", 30, "p@example.org", "Ann", []))
+    renamed = book.email_for(_inputs(mailing, "New Name", 31, "p@example.org", "Ann", []))
     assert email.message_from_bytes(first.payload)["From"] == f"Old Name <{FROM}>"
     assert email.message_from_bytes(renamed.payload)["From"] == f"New Name <{FROM}>"
     other = Mailing(pk=11, kind=Mailing.Kind.BROADCAST, subject="More", body="Hi")
-    assert book.email_for(**_inputs(other, "New Name", 32, "p@example.org", "Ann", []))
+    assert book.email_for(_inputs(other, "New Name", 32, "p@example.org", "Ann", []))
     assert len(book.stencils) == 2
     assert [key[0] for key in book.stencils] == [10, 11]  # the oldest ("Old Name") went first
