@@ -21,6 +21,7 @@ import logging
 import re
 import secrets
 import smtplib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -111,6 +112,41 @@ class StencilBook:
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self.stencils: OrderedDict[tuple, Stencil | None] = OrderedDict()
+        self._lock = threading.Lock()  # a process-wide book may be shared by threads
+
+    @staticmethod
+    def _key(inputs: EmailInputs) -> tuple:
+        m = inputs.mailing
+        variant = (bool(inputs.recipient_name), bool(inputs.children))
+        return (
+            m.pk,
+            m.kind,
+            m.subject,
+            m.body,
+            inputs.school_name,
+            inputs.from_email,
+            inputs.reply_to,
+            variant,
+        )
+
+    def _stencil(self, inputs: EmailInputs) -> Stencil | None:
+        key = self._key(inputs)
+        with self._lock:
+            if key in self.stencils:
+                self.stencils.move_to_end(key)
+                return self.stencils[key]
+        stencil = _build(inputs)
+        with self._lock:
+            self.stencils[key] = stencil
+            while len(self.stencils) > self.size:
+                self.stencils.popitem(last=False)
+        return stencil
+
+    def _drop(self, inputs: EmailInputs) -> None:
+        key = self._key(inputs)
+        with self._lock:
+            if key in self.stencils:
+                self.stencils[key] = None
 
     def email_for(self, inputs: EmailInputs) -> RawEmail | None:
         """The serialized email, or None when this recipient needs the slow path."""
@@ -125,25 +161,7 @@ class StencilBook:
             _LINE_BREAK.search(v) or _TOKEN in v or _BOUNDARY in v for v in values
         ):
             return None
-        has_name, has_children = bool(recipient_name), bool(children)
-        key = (
-            mailing.pk,
-            mailing.kind,
-            mailing.subject,
-            mailing.body,
-            inputs.school_name,
-            inputs.from_email,
-            inputs.reply_to,
-            has_name,
-            has_children,
-        )
-        if key in self.stencils:
-            self.stencils.move_to_end(key)
-        else:
-            self.stencils[key] = _build(inputs, has_name=has_name, has_children=has_children)
-            while len(self.stencils) > self.size:
-                self.stencils.popitem(last=False)
-        stencil = self.stencils[key]
+        stencil = self._stencil(inputs)
         if stencil is None:
             return None
         date = formatdate(localtime=settings.EMAIL_USE_LOCALTIME)
@@ -177,7 +195,7 @@ class StencilBook:
                     mailing.pk,
                     extra={"mailing_id": mailing.pk},
                 )
-                self.stencils[key] = None
+                self._drop(inputs)
                 return None
             stencil.verified = True
         return RawEmail(from_addr=stencil.from_addr, to_addr=to, payload=filled)
@@ -213,7 +231,9 @@ def reference_bytes(inputs: EmailInputs, *, date: str, link: str) -> bytes:
     return msg.as_bytes(linesep="\r\n")
 
 
-def _build(inputs: EmailInputs, *, has_name: bool, has_children: bool) -> Stencil | None:
+def _build(inputs: EmailInputs) -> Stencil | None:
+    has_name, has_children = bool(inputs.recipient_name), bool(inputs.children)
+
     def marked(prefix: str) -> EmailParts:
         return render_parts(
             mailing=inputs.mailing,
