@@ -31,8 +31,8 @@ os.environ.setdefault("SECRET_KEY", "bench-only-secret-key-0123456789-abcdefghij
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/edsmart_bench")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/11")
 os.environ.setdefault("LOG_JSON", "1")
-SINK_ARGS: list[str] = []
 os.environ.setdefault("ALLOWED_HOSTS", "localhost")
+SINK_ARGS: list[str] = []  # extra arguments for bench/smtp_sink.py, from the command line
 
 
 def free_port() -> int:
