@@ -88,6 +88,11 @@ def _envelope(message: EmailMultiAlternatives | RawEmail) -> tuple[str, list[str
     return from_addr, recipients, message.message().as_bytes(linesep="\r\n")
 
 
+def _command_ok(command: str, code: int) -> bool:
+    """Whether an envelope command's reply lets the exchange go on."""
+    return code == 354 if command == "DATA" else code in (250, 251)
+
+
 def _envelope_replies(smtp: smtplib.SMTP, commands: list[str]) -> list[tuple[int, bytes]]:
     """Send MAIL, RCPT... and DATA; return the replies, stopping at the first refusal.
 
@@ -107,17 +112,15 @@ def _envelope_replies(smtp: smtplib.SMTP, commands: list[str]) -> list[tuple[int
     for line, command in zip(lines, commands, strict=True):
         smtp.send(line.encode(smtp.command_encoding))
         replies.append(smtp.getreply())
-        expected = (354,) if command == "DATA" else (250, 251)
-        if replies[-1][0] not in expected:
+        if not _command_ok(command, replies[-1][0]):
             break
     return replies
 
 
 def _refusal(commands: list[str], replies: list[tuple[int, bytes]]) -> SendResult | None:
     for command, (code, resp) in zip(commands, replies, strict=False):
-        verb = command.split(":", 1)[0]
-        expected = (354,) if command == "DATA" else (250, 251)
-        if code not in expected:
+        if not _command_ok(command, code):
+            verb = command.split(":", 1)[0]
             return SendResult(_reply_outcome(code), f"{verb} refused: {code} {_text(resp)}")
     return None
 

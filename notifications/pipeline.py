@@ -640,11 +640,12 @@ class _MailingCache:
     def outgoing_for(self, claimed: Claimed, *, raw_ok: bool) -> EmailMultiAlternatives | RawEmail:
         """The email to send: filled in from the mailing's stencil when the backend takes raw
         bytes (SMTP) and the recipient's values allow it, rendered in full otherwise."""
+        inputs = self._inputs(claimed)
         if raw_ok:
-            raw = STENCILS.email_for(self._inputs(claimed))
+            raw = STENCILS.email_for(inputs)
             if raw is not None:
                 return raw
-        return self.email_for(claimed)
+        return full_email(inputs)
 
 
 def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> BatchReport:
