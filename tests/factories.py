@@ -8,6 +8,8 @@ import itertools
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+from notifications import pipeline
+from notifications.models import Delivery
 from slips.models import (
     Audience,
     Broadcast,
@@ -19,6 +21,7 @@ from slips.models import (
     Slip,
     Student,
 )
+from slips.services import message_schedule
 
 _seq = itertools.count(1)
 
@@ -109,3 +112,39 @@ def make_broadcast(
     *, school: School, audience: Audience | None = None, **fields: object
 ) -> Broadcast:
     return Broadcast.objects.create(school=school, **_sendable_fields(school, audience, fields))
+
+
+# --- messages sent on their way, as beat's dispatcher would ----------------------------------
+
+
+def dispatch_now(message: Slip | Broadcast) -> int:
+    """Schedule ``message`` for now and run the dispatcher once; returns the mailing id."""
+    message_schedule(message=message, send_at=timezone.now())
+    [mailing_id] = pipeline.dispatch_due()
+    return mailing_id
+
+
+def dispatched_deliveries(message: Slip | Broadcast) -> list[Delivery]:
+    """``dispatch_now``, then the mailing's deliveries in creation order."""
+    return list(Delivery.objects.filter(mailing_id=dispatch_now(message)).order_by("pk"))
+
+
+def broadcast_dispatched(*, school: School, families: int = 3) -> tuple[Broadcast, int]:
+    """A whole-school broadcast to ``families`` new families, dispatched now:
+    (the broadcast, as the dispatcher left it; the mailing id)."""
+    for _ in range(families):
+        make_family(school=school)
+    broadcast = make_broadcast(school=school)
+    mailing_id = dispatch_now(broadcast)
+    broadcast.refresh_from_db()
+    return broadcast, mailing_id
+
+
+def family_slip_dispatched(
+    *, school: School, children: int = 2, guardians: int = 1, **fields: object
+) -> tuple[list[Delivery], list[Student], list[Guardian], Slip]:
+    """One new family's slip, dispatched now: (deliveries, children, guardians, slip)."""
+    kids, adults = make_family(school=school, children=children, guardians=guardians)
+    audience = make_audience(school=school, whole_school=False, students=kids)
+    slip = make_slip(school=school, audience=audience, **fields)
+    return dispatched_deliveries(slip), kids, adults, slip

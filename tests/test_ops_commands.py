@@ -7,12 +7,10 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.utils import timezone
 
 from notifications import pipeline
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Mailing, SendingSwitch
 from slips.models import School, SendStatus
-from slips.services import message_schedule
 from tests import factories
 
 pytestmark = pytest.mark.django_db
@@ -26,12 +24,7 @@ def run(*args: str) -> str:
 
 
 def _dispatched(school, families=3):
-    for _ in range(families):
-        factories.make_family(school=school)
-    b = factories.make_broadcast(school=school)
-    message_schedule(message=b, send_at=timezone.now())
-    [mailing_id] = pipeline.dispatch_due()
-    b.refresh_from_db()
+    b, mailing_id = factories.broadcast_dispatched(school=school, families=families)
     return b, Mailing.objects.get(pk=mailing_id)
 
 

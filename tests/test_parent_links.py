@@ -30,24 +30,16 @@ from slips.links import (
     link_resolve,
 )
 from slips.models import Response, ResponseChange, Slip
-from slips.services import message_schedule
 from tests import factories
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("web_settings")]
 
 
-def _dispatch(message) -> list[Delivery]:
-    message_schedule(message=message, send_at=timezone.now())
-    [mailing_id] = pipeline.dispatch_due()
-    return list(Delivery.objects.filter(mailing_id=mailing_id).order_by("pk"))
-
-
 def _family_slip(school, *, children: int = 2, **fields):
     """One family's slip delivery: (delivery, kids, guardians, slip)."""
-    kids, adults = factories.make_family(school=school, children=children)
-    audience = factories.make_audience(school=school, whole_school=False, students=kids)
-    slip = factories.make_slip(school=school, audience=audience, **fields)
-    [delivery] = _dispatch(slip)
+    [delivery], kids, adults, slip = factories.family_slip_dispatched(
+        school=school, children=children, **fields
+    )
     return delivery, kids, adults, slip
 
 
@@ -80,7 +72,7 @@ def test_the_link_in_the_email_opens_the_familys_slip(school, smtp, redis_client
     kids, _ = factories.make_family(school=school, children=2)
     audience = factories.make_audience(school=school, whole_school=False, students=kids)
     slip = factories.make_slip(school=school, audience=audience, title="Zoo excursion")
-    [delivery] = _dispatch(slip)
+    [delivery] = factories.dispatched_deliveries(slip)
     pipeline.batch_send()
     [accepted] = smtp.accepted
     msg = email.message_from_bytes(accepted.raw)
@@ -234,7 +226,7 @@ def test_default_expiry_is_sixty_days(school, client):
 def test_broadcast_link_expires_after_the_mailing_was_created(school, client, settings):
     settings.EDSMART_LINK_EXPIRY_DAYS = 30
     factories.make_family(school=school)
-    [delivery] = _dispatch(factories.make_broadcast(school=school))
+    [delivery] = factories.dispatched_deliveries(factories.make_broadcast(school=school))
     url = _url_of(delivery)
     assert client.get(url).status_code == 200
     Mailing.objects.filter(pk=delivery.mailing_id).update(

@@ -15,25 +15,11 @@ from notifications import pipeline
 from notifications.models import Delivery, DeliveryStatus, Mailing
 from slips.links import delivery_token
 from slips.models import ReminderRound, Response, ResponseChange, Slip
-from slips.services import message_schedule, slip_reminders_set
+from slips.services import slip_reminders_set
 from slips.views import THANK_YOU
 from tests import factories
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("web_settings")]
-
-
-def _dispatch(message) -> list[Delivery]:
-    message_schedule(message=message, send_at=timezone.now())
-    [mailing_id] = pipeline.dispatch_due()
-    return list(Delivery.objects.filter(mailing_id=mailing_id).order_by("pk"))
-
-
-def _family_slip(school, *, children: int = 2, guardians: int = 1, **fields):
-    kids, adults = factories.make_family(school=school, children=children, guardians=guardians)
-    audience = factories.make_audience(school=school, whole_school=False, students=kids)
-    slip = factories.make_slip(school=school, audience=audience, **fields)
-    deliveries = _dispatch(slip)
-    return deliveries, kids, adults, slip
 
 
 def _url(delivery: Delivery) -> str:
@@ -49,8 +35,8 @@ def _checked(page: str, student_id: int) -> str | None:
 
 
 def test_one_page_answers_for_both_children(school, client):
-    [delivery], (ava, ben), [parent], slip = _family_slip(
-        school, free_text_question="Any allergies?"
+    [delivery], (ava, ben), [parent], slip = factories.family_slip_dispatched(
+        school=school, free_text_question="Any allergies?"
     )
     url = _url(delivery)
     page = client.get(url).content.decode()
@@ -80,7 +66,7 @@ def test_one_page_answers_for_both_children(school, client):
 
 
 def test_answering_one_child_now_and_the_other_later(school, client):
-    [delivery], (ava, ben), *_ = _family_slip(school)
+    [delivery], (ava, ben), *_ = factories.family_slip_dispatched(school=school)
     url = _url(delivery)
     assert client.post(url, {f"consent_{ava.pk}": "yes"}).status_code == 302
     assert list(Response.objects.values_list("student_id", flat=True)) == [ava.pk]
@@ -89,7 +75,9 @@ def test_answering_one_child_now_and_the_other_later(school, client):
 
 
 def test_an_empty_submission_records_nothing_and_says_why(school, client):
-    [delivery], (ava, _), _, _ = _family_slip(school, free_text_question="Notes?")
+    [delivery], (ava, _), _, _ = factories.family_slip_dispatched(
+        school=school, free_text_question="Notes?"
+    )
     url = _url(delivery)
     response = client.post(url, {})
     assert response.status_code == 400
@@ -101,7 +89,7 @@ def test_an_empty_submission_records_nothing_and_says_why(school, client):
 
 
 def test_double_submit_two_tabs_and_two_guardians_make_one_response_each(school):
-    deliveries, (ava, ben), _, slip = _family_slip(school, guardians=2)
+    deliveries, (ava, ben), _, slip = factories.family_slip_dispatched(school=school, guardians=2)
     assert len(deliveries) == 2  # two addresses, two deliveries, the same two children
     form = {f"consent_{ava.pk}": "yes", f"consent_{ben.pk}": "yes"}
     tab1, tab2, other_parent = Client(), Client(), Client()
@@ -114,7 +102,9 @@ def test_double_submit_two_tabs_and_two_guardians_make_one_response_each(school)
 
 
 def test_change_of_mind_before_the_due_date_keeps_history(school, client):
-    deliveries, (ava, _), (mum, dad), slip = _family_slip(school, guardians=2)
+    deliveries, (ava, _), (mum, dad), slip = factories.family_slip_dispatched(
+        school=school, guardians=2
+    )
     client.post(_url(deliveries[0]), {f"consent_{ava.pk}": "yes"})
     Client().post(_url(deliveries[1]), {f"consent_{ava.pk}": "no"})
     response = Response.objects.get(slip=slip, student=ava)
@@ -129,7 +119,9 @@ def test_change_of_mind_before_the_due_date_keeps_history(school, client):
 
 
 def test_after_the_due_date_the_page_is_read_only_and_post_is_refused(school, client):
-    [delivery], (ava, ben), _, slip = _family_slip(school, free_text_question="Notes?")
+    [delivery], (ava, ben), _, slip = factories.family_slip_dispatched(
+        school=school, free_text_question="Notes?"
+    )
     url = _url(delivery)
     client.post(url, {f"consent_{ava.pk}": "yes", f"answer_{ava.pk}": "Bring a hat"})
     Slip.objects.filter(pk=slip.pk).update(due_at=timezone.now() - dt.timedelta(hours=1))
@@ -149,7 +141,7 @@ def test_after_the_due_date_the_page_is_read_only_and_post_is_refused(school, cl
 
 
 def test_post_needs_the_csrf_token(school):
-    [delivery], (ava, _), _, _ = _family_slip(school)
+    [delivery], (ava, _), _, _ = factories.family_slip_dispatched(school=school)
     url = _url(delivery)
     browser = Client(enforce_csrf_checks=True)
     page = browser.get(url).content.decode()
@@ -176,7 +168,9 @@ def _reminder_round(slip) -> list[Delivery]:
 
 def test_a_reminder_link_opens_the_same_slip_and_answers_it(school, client):
     _no_quiet_hours(school)
-    [first], (ava, ben), _, slip = _family_slip(school, due_at=timezone.now() + dt.timedelta(5))
+    [first], (ava, ben), _, slip = factories.family_slip_dispatched(
+        school=school, due_at=timezone.now() + dt.timedelta(5)
+    )
     client.post(_url(first), {f"consent_{ava.pk}": "yes"})
     [reminder] = _reminder_round(slip)
     assert reminder.student_ids == [ben.pk]  # only the unanswered child is reminded about
@@ -197,7 +191,7 @@ def test_an_answer_cancels_that_familys_pending_reminder(school, client):
     slip = factories.make_slip(
         school=school, audience=audience, due_at=timezone.now() + dt.timedelta(days=5)
     )
-    first = {tuple(d.student_ids): d for d in _dispatch(slip)}
+    first = {tuple(d.student_ids): d for d in factories.dispatched_deliveries(slip)}
     reminders = {tuple(sorted(d.student_ids)): d for d in _reminder_round(slip)}
     rem_a = reminders[tuple(sorted(k.pk for k in kids_a))]
     rem_b = reminders[(kids_b[0].pk,)]
@@ -214,7 +208,7 @@ def test_an_answer_cancels_that_familys_pending_reminder(school, client):
 
 def test_due_date_is_shown_in_the_schools_time_zone(school, client):
     due = dt.datetime(2031, 3, 14, 4, 0, tzinfo=dt.UTC)  # 3 pm in Sydney (daylight time)
-    [delivery], *_ = _family_slip(school, due_at=due)
+    [delivery], *_ = factories.family_slip_dispatched(school=school, due_at=due)
     page = client.get(_url(delivery)).content.decode()
     local = due.astimezone(zoneinfo.ZoneInfo("Australia/Sydney"))
     assert local.hour == 15
@@ -229,7 +223,7 @@ def test_broadcast_page_shows_school_title_and_escaped_body(school, client):
         title="Sports day",
         body="First paragraph <script>alert(1)</script>\nsame paragraph\n\nSecond paragraph",
     )
-    [delivery] = _dispatch(broadcast)
+    [delivery] = factories.dispatched_deliveries(broadcast)
     response = client.get(_url(delivery))
     page = response.content.decode()
     assert response.status_code == 200

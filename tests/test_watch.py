@@ -15,7 +15,6 @@ from sentry_sdk.transport import Transport
 from notifications import alerts, heartbeats, pipeline
 from notifications.models import Alert, Delivery, DeliveryEvent, DeliveryStatus, SendingSwitch
 from slips.models import Guardian, School
-from slips.services import message_schedule
 from tests import factories
 
 S = DeliveryStatus
@@ -45,12 +44,7 @@ def alive(*, beat_age: float = 0, worker_age: float = 0) -> None:
 
 
 def dispatched(school, families: int = 3) -> int:
-    for _ in range(families):
-        factories.make_family(school=school)
-    b = factories.make_broadcast(school=school)
-    message_schedule(message=b, send_at=timezone.now())
-    [mailing_id] = pipeline.dispatch_due()
-    return mailing_id
+    return factories.broadcast_dispatched(school=school, families=families)[1]
 
 
 def drain(mailing_id: int | None = None) -> None:
