@@ -633,10 +633,6 @@ class _MailingCache:
             children=[self.students[s] for s in children if s in self.students],
         )
 
-    def email_for(self, claimed: Claimed) -> EmailMultiAlternatives:
-        """The email rendered in full, as any Django email backend can send it."""
-        return full_email(self._inputs(claimed))
-
     def outgoing_for(self, claimed: Claimed, *, raw_ok: bool) -> EmailMultiAlternatives | RawEmail:
         """The email to send: filled in from the mailing's stencil when the backend takes raw
         bytes (SMTP) and the recipient's values allow it, rendered in full otherwise."""

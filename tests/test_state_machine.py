@@ -29,6 +29,7 @@ import pytest
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import get_connection
+from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
 from django.db import transaction
 from django.db.models import Q
 from django.test import override_settings
@@ -236,9 +237,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         """Send the hand's email the way batch_send does, over a fresh connection."""
         behaviour, expected = REPLIES[reply]
         self.smtp.handler.behaviour = Behaviour(**behaviour.__dict__)
-        email = pipeline._MailingCache([hand.claim]).email_for(hand.claim)
         timeout = STALL_TIMEOUT if behaviour.stall else settings.EMAIL_TIMEOUT
         backend = get_connection(fail_silently=False, timeout=timeout)
+        email = pipeline._MailingCache([hand.claim]).outgoing_for(
+            hand.claim, raw_ok=isinstance(backend, SMTPBackend)
+        )
         try:
             result = send_one(connection=backend, message=email)
         finally:
