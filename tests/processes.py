@@ -36,6 +36,19 @@ class WaitTimeout(AssertionError):
     pass
 
 
+def run_python(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """This interpreter with ``args``, from the repository root, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def wait_until(
     condition: Callable[[], T],
     *,

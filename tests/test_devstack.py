@@ -29,6 +29,7 @@ from django.core import mail as django_mail
 
 from edsmart import devstack
 from edsmart.mailcatcher import MailCatcher, linkify
+from tests.processes import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_TESTS_ARGS = ["-q", "-p", "no:cacheprovider", "-k", "no_test_has_this_name", __file__]
@@ -235,15 +236,7 @@ def test_test_command_counts_no_tests_as_a_failure() -> None:
         "REDIS_URL": settings.REDIS_URL,
     }
     env = {k: v for k, v in env.items() if v}
-    result = subprocess.run(
-        [sys.executable, "-m", "edsmart.devstack", "test", *NO_TESTS_ARGS],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_python("-m", "edsmart.devstack", "test", *NO_TESTS_ARGS, env=env, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "collected no tests" in result.stderr
 

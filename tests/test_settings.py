@@ -6,14 +6,11 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from edsmart.env import ConfigError, database_from_url, env_bool, env_float, env_int, env_str
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import run_python
 
 
 def _clean_env(**overrides: str) -> dict[str, str]:
@@ -34,15 +31,7 @@ def _clean_env(**overrides: str) -> dict[str, str]:
 
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_python("-c", code, env=env, timeout=60)
 
 
 @pytest.mark.parametrize("raw", ["maybe", "2", "tru", "enabled"])
@@ -154,14 +143,8 @@ def test_check_deploy_is_clean_with_debug_off() -> None:
         SECRET_KEY=secrets.token_urlsafe(64),
         ALLOWED_HOSTS="edsmart.example.org",
     )
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run_python(
+        "manage.py", "check", "--deploy", "--fail-level", "WARNING", env=env, timeout=120
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
