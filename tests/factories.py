@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from notifications import pipeline
-from notifications.models import Delivery
+from notifications.models import Delivery, Mailing
 from slips.models import (
     Audience,
     Broadcast,
@@ -112,6 +112,20 @@ def make_broadcast(
     *, school: School, audience: Audience | None = None, **fields: object
 ) -> Broadcast:
     return Broadcast.objects.create(school=school, **_sendable_fields(school, audience, fields))
+
+
+def make_mailing(source: Slip | Broadcast, **fields: object) -> Mailing:
+    """A mailing of ``source`` as the dispatcher makes it (its subject and body), no rows."""
+    is_slip = isinstance(source, Slip)
+    fields.setdefault("subject", source.title)
+    fields.setdefault("body", source.body)
+    return Mailing.objects.create(
+        school=source.school,
+        kind=Mailing.Kind.SLIP if is_slip else Mailing.Kind.BROADCAST,
+        slip=source if is_slip else None,
+        broadcast=None if is_slip else source,
+        **fields,
+    )
 
 
 # --- messages sent on their way, as beat's dispatcher would ----------------------------------

@@ -31,7 +31,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from notifications.models import Delivery, DeliveryStatus, Mailing
+from notifications.models import Delivery, DeliveryStatus
 from slips import selectors
 from slips.models import Response, SendStatus
 from slips.responses import response_record
@@ -443,13 +443,7 @@ def _broadcast_with_deliveries(school, rows: list[tuple[str, bool]]):
     broadcast = factories.make_broadcast(
         school=school, status=SendStatus.SENT, dispatched_at=timezone.now()
     )
-    mailing = Mailing.objects.create(
-        school=school,
-        kind=Mailing.Kind.BROADCAST,
-        broadcast=broadcast,
-        subject=broadcast.title,
-        body=broadcast.body,
-    )
+    mailing = factories.make_mailing(broadcast)
     Delivery.objects.bulk_create(
         Delivery(
             mailing=mailing,

@@ -93,14 +93,7 @@ def _build_side(prefix: str, slug: str, username: str) -> Side:
     ResponseChange.objects.create(
         response=response, consent=True, guardian=guardian, answered_at=timezone.now()
     )
-    mailing = Mailing.objects.create(
-        school=school,
-        kind=Mailing.Kind.SLIP,
-        slip=slip,
-        subject=f"{prefix} Excursion",
-        body="Hello",
-        recipient_count=1,
-    )
+    mailing = factories.make_mailing(slip, body="Hello", recipient_count=1)
     delivery = Delivery.objects.create(
         mailing=mailing,
         school=school,

@@ -164,9 +164,7 @@ def test_pause_and_resume_of_a_message_already_sending_moves_its_mailing(school,
     slip = factories.make_slip(
         school=school, audience=audience, status=SendStatus.SENDING, dispatched_at=timezone.now()
     )
-    mailing = Mailing.objects.create(
-        school=school, kind=Mailing.Kind.SLIP, slip=slip, subject=slip.title, body=slip.body
-    )
+    mailing = factories.make_mailing(slip)
     _transition(client, slip, "pause")
     mailing.refresh_from_db()
     assert mailing.status == Mailing.Status.PAUSED
@@ -341,9 +339,7 @@ def test_delivery_counts_and_log_on_the_change_page(school, audience, client):
     slip = factories.make_slip(
         school=school, audience=audience, status=SendStatus.SENDING, dispatched_at=timezone.now()
     )
-    mailing = Mailing.objects.create(
-        school=school, kind=Mailing.Kind.SLIP, slip=slip, subject=slip.title, body=slip.body
-    )
+    mailing = factories.make_mailing(slip)
     _deliveries(
         mailing,
         [DeliveryStatus.SENT] * 3
@@ -371,13 +367,7 @@ def test_delivery_log_is_capped(school, audience, client):
     broadcast = factories.make_broadcast(
         school=school, audience=audience, status=SendStatus.SENDING, dispatched_at=timezone.now()
     )
-    mailing = Mailing.objects.create(
-        school=school,
-        kind=Mailing.Kind.BROADCAST,
-        broadcast=broadcast,
-        subject=broadcast.title,
-        body=broadcast.body,
-    )
+    mailing = factories.make_mailing(broadcast)
     _deliveries(mailing, [DeliveryStatus.PENDING] * 501)
     page = client.get(_change_url(broadcast)).content.decode()
     assert "Showing the first 500 of 501" in page
@@ -387,9 +377,7 @@ def test_delivery_log_is_capped(school, audience, client):
 
 def test_mailing_changelist_counts_per_status(school, audience, client):
     slip = factories.make_slip(school=school, audience=audience)
-    mailing = Mailing.objects.create(
-        school=school, kind=Mailing.Kind.SLIP, slip=slip, subject="Counting", body="x"
-    )
+    mailing = factories.make_mailing(slip, subject="Counting", body="x")
     _deliveries(mailing, [DeliveryStatus.SENT] * 2 + [DeliveryStatus.UNKNOWN])
     response = client.get(reverse("admin:notifications_mailing_changelist"))
     row = response.context["cl"].result_list[0]
@@ -404,14 +392,7 @@ def unknowns(school, audience):
     slip = factories.make_slip(
         school=school, audience=audience, status=SendStatus.SENT, dispatched_at=timezone.now()
     )
-    mailing = Mailing.objects.create(
-        school=school,
-        kind=Mailing.Kind.SLIP,
-        slip=slip,
-        subject=slip.title,
-        body=slip.body,
-        status=Mailing.Status.COMPLETED,
-    )
+    mailing = factories.make_mailing(slip, status=Mailing.Status.COMPLETED)
     return _deliveries(mailing, [DeliveryStatus.UNKNOWN] * 3 + [DeliveryStatus.SENT])
 
 
