@@ -174,7 +174,6 @@ class TenantAdmin(admin.ModelAdmin):
     ``staff_can_add`` / ``staff_can_change`` / ``staff_can_delete`` narrow what members may do.
     """
 
-    tenant_scoped = True
     school_lookup: str | None = None
     csv_fields: Sequence[str] = ()
     staff_can_add = True
@@ -362,8 +361,6 @@ class HistoryInline(admin.TabularInline):
 
 class SuperuserOnlyAdmin(admin.ModelAdmin):
     """Platform-wide rows (memberships, the global switch): ops only, invisible to staff."""
-
-    tenant_scoped = False
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return is_ops(request)

@@ -153,6 +153,9 @@ EDSMART_IDEMPOTENCY_WINDOW_SECONDS = env_float(
 EDSMART_SWEEP_STALE_SECONDS = env_float("EDSMART_SWEEP_STALE_SECONDS", default=30.0, minimum=1)
 # Parents' links stop working this many days after the slip's due date (or the broadcast).
 EDSMART_LINK_EXPIRY_DAYS = env_int("EDSMART_LINK_EXPIRY_DAYS", default=60, minimum=1)
+# Emails of one mailing are filled in from a stencil rendered once (notifications/stencil.py);
+# off renders every email in full, for ruling the stencil out when something looks wrong.
+EDSMART_EMAIL_STENCILS = env_bool("EDSMART_EMAIL_STENCILS", default=True)
 EDSMART_MAX_BODY_BYTES = env_int("EDSMART_MAX_BODY_BYTES", default=100 * 1024, minimum=1)
 
 # --- Celery (see DESIGN.md "Celery settings that matter") ---------------------------------------

@@ -1,7 +1,8 @@
 """Staff and ops views of the send pipeline: mailings, deliveries, their events, the switch.
 
-Everything here is read-only except through ``notifications.pipeline``: deliveries move only by
-its conditional updates, so the admin never saves a Delivery, Mailing or SendingSwitch itself.
+Everything here is read-only except through ``notifications.controls``: deliveries move only by
+the conditional updates of ``transitions``, so the admin never saves a Delivery, Mailing or
+SendingSwitch itself.
 Staff resolve ``unknown`` deliveries with the actions on the Delivery changelist; every
 resolution is an event row carrying the staff username.
 """
@@ -24,7 +25,7 @@ from edsmart.admin_tenancy import (
     is_ops,
     user_memberships,
 )
-from notifications import pipeline
+from notifications import controls, selectors
 from notifications.models import (
     Delivery,
     DeliveryEvent,
@@ -48,11 +49,6 @@ _IN_FLIGHT = [
 # --- read helpers shared with the slip and broadcast pages ------------------------------------
 
 
-def _deliveries_of(source: Slip | Broadcast) -> QuerySet[Delivery]:
-    key = "mailing__slip" if isinstance(source, Slip) else "mailing__broadcast"
-    return Delivery.objects.filter(**{key: source}, school_id=source.school_id)
-
-
 def delivery_changelist_url(source: Slip | Broadcast, **params: str) -> str:
     key = (
         "mailing__slip__id__exact" if isinstance(source, Slip) else "mailing__broadcast__id__exact"
@@ -63,8 +59,8 @@ def delivery_changelist_url(source: Slip | Broadcast, **params: str) -> str:
 
 def delivery_counts(source: Slip | Broadcast) -> list[tuple[str, str, int]]:
     """(status, label, count) for every status, across all mailings of the message."""
-    found = dict(_deliveries_of(source).order_by().values_list("status").annotate(n=Count("id")))
-    return [(value, label, found.get(value, 0)) for value, label in DeliveryStatus.choices]
+    found = selectors.source_counts(source)
+    return [(value, label, found[value]) for value, label in DeliveryStatus.choices]
 
 
 def render_delivery_counts(source: Slip | Broadcast) -> SafeString:
@@ -83,7 +79,9 @@ def render_delivery_counts(source: Slip | Broadcast) -> SafeString:
 
 
 def render_delivery_log(source: Slip | Broadcast) -> SafeString:
-    deliveries = _deliveries_of(source).select_related("mailing").order_by("mailing_id", "id")
+    deliveries = (
+        selectors.deliveries_of(source).select_related("mailing").order_by("mailing_id", "id")
+    )
     total = deliveries.count()
     return render_to_string(
         "admin/notifications/delivery_log.html",
@@ -196,12 +194,12 @@ class MailingAdmin(_OperateMixin, ReadOnlyTenantAdmin):
 
     @admin.action(description="Pause selected mailings", permissions=["operate"])
     def pause_mailings(self, request: HttpRequest, queryset: QuerySet[Mailing]) -> None:
-        changed = sum(pipeline.mailing_set_paused(mailing=m, paused=True) for m in queryset)
+        changed = sum(controls.mailing_set_paused(mailing=m, paused=True) for m in queryset)
         self.message_user(request, f"Paused {changed} of {len(queryset)} selected mailings.")
 
     @admin.action(description="Resume selected mailings", permissions=["operate"])
     def resume_mailings(self, request: HttpRequest, queryset: QuerySet[Mailing]) -> None:
-        changed = sum(pipeline.mailing_set_paused(mailing=m, paused=False) for m in queryset)
+        changed = sum(controls.mailing_set_paused(mailing=m, paused=False) for m in queryset)
         self.message_user(request, f"Resumed {changed} of {len(queryset)} selected mailings.")
 
 
@@ -244,15 +242,15 @@ class DeliveryAdmin(_OperateMixin, ReadOnlyTenantAdmin):
 
     def _resolve(self, request: HttpRequest, queryset: QuerySet[Delivery], resolution: str) -> None:
         # The changelist queryset is already limited to the user's schools; the ids go to the
-        # pipeline, which moves only rows that are still ``unknown``.
+        # transitions, which move only rows that are still ``unknown``.
         ids = list(queryset.values_list("pk", flat=True))
-        moved = pipeline.unknowns_resolve(
+        moved = controls.unknowns_resolve(
             delivery_ids=ids, resolution=resolution, actor=request.user.get_username()
         )
         verb = {
-            pipeline.Resolution.SENT: "marked as sent",
-            pipeline.Resolution.FAILED: "marked as failed",
-            pipeline.Resolution.RESEND: "queued to be sent again",
+            controls.Resolution.SENT: "marked as sent",
+            controls.Resolution.FAILED: "marked as failed",
+            controls.Resolution.RESEND: "queued to be sent again",
         }[resolution]
         skipped = len(ids) - moved
         text = f"{moved} unknown deliveries {verb}."
@@ -262,19 +260,19 @@ class DeliveryAdmin(_OperateMixin, ReadOnlyTenantAdmin):
 
     @admin.action(description="Mark unknown as sent (the parent got it)", permissions=["operate"])
     def mark_unknown_sent(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
-        self._resolve(request, queryset, pipeline.Resolution.SENT)
+        self._resolve(request, queryset, controls.Resolution.SENT)
 
     @admin.action(
         description="Mark unknown as failed (the parent did not get it)", permissions=["operate"]
     )
     def mark_unknown_failed(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
-        self._resolve(request, queryset, pipeline.Resolution.FAILED)
+        self._resolve(request, queryset, controls.Resolution.FAILED)
 
     @admin.action(
         description="Resend unknown (the parent may get it twice)", permissions=["operate"]
     )
     def resend_unknown(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
-        self._resolve(request, queryset, pipeline.Resolution.RESEND)
+        self._resolve(request, queryset, controls.Resolution.RESEND)
 
 
 @admin.register(DeliveryEvent)
@@ -293,7 +291,7 @@ class DeliveryEventAdmin(ReadOnlyTenantAdmin):
 
 @admin.register(SendingSwitch)
 class SendingSwitchAdmin(SuperuserOnlyAdmin):
-    """The global pause. It is flipped through ``pipeline.sending_set_paused`` only, which
+    """The global pause. It is flipped through ``controls.sending_set_paused`` only, which
     records who did it and nudges the waiting work on resume."""
 
     list_display = ("__str__", "paused", "changed_by", "changed_at", "reason")
@@ -312,19 +310,19 @@ class SendingSwitchAdmin(SuperuserOnlyAdmin):
         return super().changelist_view(request, extra_context)
 
     def save_model(self, request: HttpRequest, obj: SendingSwitch, form, change: bool) -> None:
-        pipeline.sending_set_paused(
+        controls.sending_set_paused(
             paused=obj.paused, actor=request.user.get_username(), reason=obj.reason
         )
         obj.refresh_from_db()
 
     @admin.action(description="Pause ALL sending, every school")
     def pause_all(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
-        pipeline.sending_set_paused(paused=True, actor=request.user.get_username())
+        controls.sending_set_paused(paused=True, actor=request.user.get_username())
         self.message_user(request, "All sending is paused.", messages.WARNING)
         return None
 
     @admin.action(description="Resume sending")
     def resume_all(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
-        pipeline.sending_set_paused(paused=False, actor=request.user.get_username())
+        controls.sending_set_paused(paused=False, actor=request.user.get_username())
         self.message_user(request, "Sending resumed.")
         return None

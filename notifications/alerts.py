@@ -31,19 +31,16 @@ import sentry_sdk
 from django.conf import settings
 from django.core.mail import get_connection, send_mail
 from django.db import connection, transaction
-from django.db.models import Count, Min, Q
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from notifications import heartbeats, monitoring, pipeline
-from notifications.models import Alert, Delivery, DeliveryEvent, DeliveryStatus, Mailing
+from notifications import controls, heartbeats, selectors
+from notifications.models import Alert, DeliveryStatus, Mailing
 from slips.models import School
 
 log = logging.getLogger("edsmart.alerts")
 
 S = DeliveryStatus
 CIRCUIT_BREAKER = "circuit-breaker"
-CLAIMABLE = [S.PENDING, S.RETRY_WAIT, S.CLAIMED]
 
 
 def _setting(name: str) -> float:
@@ -77,77 +74,10 @@ def alert_email_backend() -> str | None:
     return settings.EDSMART_ALERT_EMAIL_BACKEND or None
 
 
-# --- selectors ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SchoolStats:
-    school_id: int
-    backlog: int = 0
-    oldest_due_seconds: float | None = None
-    unknown: int = 0
-    failed_recent: int = 0
-
-
-def school_stats(*, failed_since: dt.datetime | None = None) -> dict[int, SchoolStats]:
-    """Per school: due backlog and how long its oldest item has waited, unknowns, recent failures.
-
-    "Due" means claimable now (a ``retry_wait`` row waiting out its back-off is not late), and
-    the wait is counted from when it became due. Paused mailings are excluded: staff paused
-    them on purpose. A paused *school* is not excluded: its parents are still not being told.
-    """
-    now = timezone.now()
-    failed_since = failed_since or now - dt.timedelta(days=7)
-    due = Q(
-        status__in=CLAIMABLE,
-        mailing__status=Mailing.Status.SENDING,
-    ) & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-    failed = Q(status=S.FAILED, updated_at__gte=failed_since)
-    rows = (
-        Delivery.objects.filter(due | Q(status=S.UNKNOWN) | failed)
-        .order_by()
-        .values("school_id")
-        .annotate(
-            backlog=Count("id", filter=due),
-            oldest=Min(Coalesce("next_attempt_at", "created_at"), filter=due),
-            unknown=Count("id", filter=Q(status=S.UNKNOWN)),
-            failed_recent=Count("id", filter=failed),
-        )
-    )
-    return {
-        row["school_id"]: SchoolStats(
-            school_id=row["school_id"],
-            backlog=row["backlog"],
-            oldest_due_seconds=(now - row["oldest"]).total_seconds() if row["oldest"] else None,
-            unknown=row["unknown"],
-            failed_recent=row["failed_recent"],
-        )
-        for row in rows
-    }
-
-
-@dataclass(frozen=True)
-class FailureRate:
-    failed: int
-    sent: int
-
-    @property
-    def rate(self) -> float:
-        total = self.failed + self.sent
-        return self.failed / total if total else 0.0
-
-
-def failure_rate(*, window_seconds: float | None = None) -> FailureRate:
-    """Outcomes recorded by the pipeline in the window (fan-out rejects of bad addresses and
-    suppressed addresses are not sends, so they have no events and do not count)."""
-    since = timezone.now() - dt.timedelta(seconds=window_seconds or failure_window())
-    counts = dict(
-        DeliveryEvent.objects.filter(at__gte=since, to_status__in=[S.FAILED, S.SENT])
-        .order_by()
-        .values_list("to_status")
-        .annotate(n=Count("id"))
-    )
-    return FailureRate(failed=counts.get(S.FAILED, 0), sent=counts.get(S.SENT, 0))
+def failure_rate(*, window_seconds: float | None = None) -> selectors.FailureRate:
+    """Sends recorded in the failure window (or the one given)."""
+    window = window_seconds or failure_window()
+    return selectors.failure_rate(since=timezone.now() - dt.timedelta(seconds=window))
 
 
 # --- conditions --------------------------------------------------------------------------------
@@ -170,7 +100,7 @@ def _school_names(ids: set[int]) -> dict[int, str]:
 def conditions_now() -> list[Condition]:
     """Everything that is wrong right now, as alert conditions (no side effects)."""
     found: list[Condition] = []
-    stats = school_stats()
+    stats = selectors.school_stats()
     names = _school_names(set(stats))
     paused = set(School.objects.filter(sending_paused=True).values_list("pk", flat=True))
     limit = backlog_max_age()
@@ -240,7 +170,7 @@ def conditions_now() -> list[Condition]:
 
 
 def _duplicate_conditions() -> list[Condition]:
-    dups = monitoring.duplicate_sends()
+    dups = selectors.duplicate_sends()
     if not dups:
         return []
     mailings = dict(
@@ -291,7 +221,7 @@ def _trip_breaker(cond: Condition) -> None:
     school = School.objects.filter(pk=cond.school_id).first()
     if school is None:
         return
-    pipeline.sending_set_paused(
+    controls.sending_set_paused(
         paused=True, actor=CIRCUIT_BREAKER, school=school, reason=cond.message[:300]
     )
     log.critical(

@@ -6,5 +6,6 @@ class NotificationsConfig(AppConfig):
     verbose_name = "Sending"
 
     def ready(self) -> None:
-        # Signal receivers: heartbeats (Celery) and bounce/complaint tracking (anymail).
-        from notifications import heartbeats, webhooks  # noqa: F401
+        # Signal receivers, imported once the models are loaded: heartbeats (Celery), bounce
+        # and complaint tracking (anymail), reminders cancelled by an answer (controls).
+        from notifications import controls, heartbeats, webhooks  # noqa: F401

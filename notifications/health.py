@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import redis
-from django.conf import settings
 from django.db import connection
 
+from edsmart.redis_client import redis_client
 from notifications import heartbeats
 
 Check = dict[str, object]
@@ -25,12 +24,8 @@ def _database() -> Check:
 
 
 def _redis() -> Check:
-    # A client of its own with short timeouts: readiness must answer quickly, never hang.
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.ping()
-    finally:
-        client.close()
+    # The shared client has short timeouts: readiness must answer quickly, never hang.
+    redis_client().ping()
     return {"ok": True, "detail": "PING answered"}
 
 

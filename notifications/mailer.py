@@ -1,4 +1,6 @@
-"""Build one email and hand it to the mail server, reporting exactly how far it got.
+"""Hand one email to the mail server and classify the reply, reporting exactly how far it got.
+
+Building the email is ``compose``'s job; this module only sends and classifies.
 
 The pipeline's exactly-once promise depends on one distinction this module makes: whether the
 message body may have reached the server. Anything that goes wrong before the body is sent is
@@ -12,7 +14,6 @@ from __future__ import annotations
 import enum
 import smtplib
 from dataclasses import dataclass
-from email.utils import formatdate
 
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
@@ -219,51 +220,3 @@ def classify_api_error(exc: BaseException) -> tuple[Outcome, str]:
         if item_name in {"ConnectTimeout", "ConnectionRefusedError", "NewConnectionError"}:
             return Outcome.RETRY, detail
     return Outcome.UNKNOWN, detail
-
-
-def message_id_for(delivery_id: int) -> str:
-    """A Message-ID that is the same for every attempt of one delivery.
-
-    Any resend carries the same id, so it is recognisable in the recipient's mailbox, at the
-    provider and in our own logs as the same message rather than a new one.
-    """
-    domain = settings.DEFAULT_FROM_EMAIL.rpartition("@")[2] or "edsmart.localhost"
-    return f"<edsmart.delivery.{delivery_id}@{domain}>"
-
-
-@dataclass(frozen=True)
-class EmailParts:
-    subject: str
-    text: str
-    html: str
-
-
-def build_email(
-    *,
-    delivery_id: int,
-    to: str,
-    from_email: str,
-    reply_to: str,
-    parts: EmailParts,
-    date: str | None = None,
-    message_id: str | None = None,
-    delivery_header: str | None = None,
-) -> EmailMultiAlternatives:
-    """The email of one delivery. The keyword overrides exist for the stencils' markers."""
-    email = EmailMultiAlternatives(
-        subject=parts.subject,
-        body=parts.text,
-        from_email=from_email,
-        to=[to],
-        reply_to=[reply_to] if reply_to else None,
-        headers={
-            # Given here rather than left to Django, in the place Django would put it, so
-            # that a stencil and a full rendering come out byte for byte the same.
-            "Date": date or formatdate(localtime=settings.EMAIL_USE_LOCALTIME),
-            "Message-ID": message_id or message_id_for(delivery_id),
-            "X-EdSmart-Delivery": delivery_header or str(delivery_id),
-            "Auto-Submitted": "auto-generated",
-        },
-    )
-    email.attach_alternative(parts.html, "text/html")
-    return email

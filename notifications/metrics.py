@@ -31,8 +31,9 @@ from prometheus_client.core import (
     Metric,
 )
 
-from notifications import heartbeats, monitoring
-from notifications.models import Alert, Delivery, DeliveryEvent, DeliveryStatus
+from edsmart.redis_client import redis_client
+from notifications import heartbeats, selectors
+from notifications.models import Alert, Delivery
 
 log = logging.getLogger("edsmart.metrics")
 
@@ -62,14 +63,12 @@ def send_latency(*, window_seconds: float) -> tuple[list[int], int, float]:
 
 def queue_lengths() -> dict[str, int] | None:
     """Messages waiting in the Celery queues (Redis lists), or None if Redis is unreachable."""
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    client = redis_client()
     try:
         return {queue: int(client.llen(queue)) for queue in QUEUES}
     except redis.RedisError:
         log.warning("metrics: Redis unreachable", exc_info=True)
         return None
-    finally:
-        client.close()
 
 
 class PipelineCollector:
@@ -79,23 +78,24 @@ class PipelineCollector:
         by_status = GaugeMetricFamily(
             "edsmart_deliveries", "Deliveries by status (all time).", labels=["status"]
         )
-        for status, n in monitoring.delivery_status_counts().items():
+        for status, n in selectors.delivery_status_counts().items():
             by_status.add_metric([status], n)
         yield by_status
 
-        backlog = monitoring.backlog()
+        backlog = selectors.backlog()
         yield GaugeMetricFamily(
             "edsmart_backlog_deliveries",
-            "Deliveries pending, waiting to retry or claimed, of mailings that are sending.",
-            value=backlog.claimable,
+            "Deliveries of sending mailings that are due and not yet started "
+            "(pending, claimed, or waiting to retry past their back-off).",
+            value=backlog.deliveries,
         )
         yield GaugeMetricFamily(
             "edsmart_oldest_pending_age_seconds",
-            "Age of the oldest backlog delivery (0 when there is none).",
-            value=backlog.oldest_pending_seconds or 0.0,
+            "Seconds the oldest backlog delivery has been due (0 when there is none).",
+            value=backlog.oldest_due_seconds or 0.0,
         )
 
-        sends = DeliveryEvent.objects.filter(to_status=DeliveryStatus.SENT).count()
+        sends = selectors.accepted_sends()
         yield CounterMetricFamily(
             "edsmart_sends", "Accepted sends recorded (events to 'sent').", value=sends
         )

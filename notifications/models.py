@@ -5,7 +5,8 @@ of a slip, with its content frozen at dispatch so that an edit during sending ca
 parents read two versions. A *delivery* is one (mailing, normalized email) pair. The unique
 constraint on that pair is what makes a fan-out that runs twice create nothing new.
 
-Delivery state machine (every arrow is one conditional UPDATE in ``notifications.pipeline``):
+Delivery state machine (every arrow is one conditional UPDATE in ``notifications.transitions``,
+the only code that writes a delivery's status):
 
 ```
 pending --claim--> claimed --start--> submitting --250--> sent
@@ -172,7 +173,14 @@ class Delivery(models.Model):
 
 
 class DeliveryEvent(models.Model):
-    """One row per state change: the audit log, and the record of every accepted send.
+    """The audit log of a delivery's settling moves, and the record of every accepted send.
+
+    Written by ``notifications.transitions`` in the same statement as the move, for: each
+    recorded outcome (sent, retry_wait, failed, unknown), each expired lease, each cancel,
+    each person's or policy's resolution. Not for the per-email hot path (claim, start, a
+    claim given back), which is logged with its ids instead: an event row per claim and per
+    start would double the writes of every email. Rows already terminal at fan-out (skipped,
+    invalid address) have none either; their ``last_error`` says why.
 
     ``to_status == 'sent'`` rows are what the duplicate check counts: more than one per
     delivery means a recipient got the message twice.

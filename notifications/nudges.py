@@ -13,22 +13,17 @@ import logging
 import math
 
 import redis
+from celery import current_app
 from django.conf import settings
-from django.db.models import Exists, OuterRef, Q
-from django.utils import timezone
+
+from edsmart.redis_client import redis_client
+from notifications import selectors
 
 log = logging.getLogger("edsmart.nudges")
 
-_client: redis.Redis | None = None
-
-
-def redis_client() -> redis.Redis:
-    global _client
-    if _client is None:
-        _client = redis.Redis.from_url(
-            settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
-        )
-    return _client
+# Published by name: the task module calls into the pipeline, which calls in here, and
+# naming the task rather than importing it keeps that loop out of the import graph.
+SEND_BATCH_TASK = "notifications.tasks.send_batch"
 
 
 def _alive_key(mailing_id: int) -> str:
@@ -54,17 +49,16 @@ def mark_alive(mailing_id: int) -> None:
         log.warning("could not mark mailing %s alive in Redis", mailing_id, exc_info=True)
 
 
-def enqueue_batches(mailing_id: int | None, total: int | None, *, force: bool = False) -> int:
+def enqueue_batches(mailing_id: int | None, total: int | None) -> int:
     """Publish send-batch tasks. Failures are logged and swallowed: the sweeper retries."""
-    from notifications.tasks import send_batch
-
     if total == 0:
         return 0
     count = batches_for(total)
     sent = 0
     for _ in range(count):
         try:
-            send_batch.apply_async(
+            current_app.send_task(
+                SEND_BATCH_TASK,
                 args=[mailing_id],
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
@@ -85,18 +79,7 @@ def enqueue_batches(mailing_id: int | None, total: int | None, *, force: bool = 
 
 def nudge_stalled(*, force: bool = False) -> int:
     """Enqueue batches for sending mailings with due rows and no sign of a live batch."""
-    from notifications.models import Delivery, DeliveryStatus, Mailing
-
-    now = timezone.now()
-    due = Delivery.objects.filter(
-        mailing=OuterRef("pk"),
-        status__in=[DeliveryStatus.PENDING, DeliveryStatus.RETRY_WAIT],
-    ).filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
-    mailing_ids = list(
-        Mailing.objects.filter(status=Mailing.Status.SENDING, school__sending_paused=False)
-        .filter(Exists(due))
-        .values_list("pk", flat=True)
-    )
+    mailing_ids = selectors.mailings_with_claimable_work()
     nudged = 0
     for mailing_id in mailing_ids:
         if not force:
@@ -106,5 +89,5 @@ def nudge_stalled(*, force: bool = False) -> int:
                     continue
             except redis.RedisError:
                 log.warning("Redis unavailable; nudging mailing %s anyway", mailing_id)
-        nudged += enqueue_batches(mailing_id, None, force=True) > 0
+        nudged += enqueue_batches(mailing_id, None) > 0
     return nudged

@@ -1,6 +1,6 @@
 """The ops page for superusers: every school's sending state, backlog, problems and alerts,
 with the pause switches one click away. Pausing and resuming go through
-``pipeline.sending_set_paused`` like the ``sending`` command and the admin actions do.
+``controls.sending_set_paused`` like the ``sending`` command and the admin actions do.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from notifications import alerts, heartbeats, pipeline
+from notifications import alerts, controls, heartbeats, selectors
 from notifications.models import Alert, SendingSwitch
 from slips.models import School
 
@@ -27,13 +27,13 @@ RECENT_ALERTS = 30
 @dataclass(frozen=True)
 class SchoolRow:
     school: School
-    stats: alerts.SchoolStats
+    stats: selectors.SchoolStats
     open_alerts: int
 
 
 def ops_overview() -> dict:
     """Everything the page shows, read in a handful of queries."""
-    stats = alerts.school_stats()
+    stats = selectors.school_stats()
     open_by_school: dict[int, int] = {}
     for school_id in Alert.objects.filter(
         cleared_at__isnull=True, school__isnull=False
@@ -42,7 +42,7 @@ def ops_overview() -> dict:
     rows = [
         SchoolRow(
             school=school,
-            stats=stats.get(school.pk, alerts.SchoolStats(school_id=school.pk)),
+            stats=stats.get(school.pk, selectors.SchoolStats(school_id=school.pk)),
             open_alerts=open_by_school.get(school.pk, 0),
         )
         for school in School.objects.order_by("name")
@@ -85,7 +85,7 @@ def ops_sending(request: HttpRequest) -> HttpResponse:
     scope = request.POST.get("scope", "")
     school = None if scope == "global" else get_object_or_404(School, pk=_int(scope))
     reason = request.POST.get("reason", "").strip()[:300]
-    pipeline.sending_set_paused(
+    controls.sending_set_paused(
         paused=action == "pause",
         actor=f"{request.user.get_username()} (ops page)",
         school=school,

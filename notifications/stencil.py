@@ -1,5 +1,7 @@
 """A mailing's email rendered and serialized once, then filled in per recipient.
 
+The private fast path of ``compose``: nothing else should call it.
+
 Why: rendering two templates and serializing MIME with Python's ``email`` package cost about
 3 ms of CPU per email, more than the SMTP exchange and the database together, although all
 but a few values are the same for every recipient of a mailing. A stencil is the serialized
@@ -27,14 +29,19 @@ from dataclasses import dataclass
 from email.utils import formatdate
 
 from django.conf import settings
-from django.core.mail import EmailMultiAlternatives
 from django.core.mail.message import sanitize_address
 from django.utils.html import escape
 
-from notifications.mailer import EmailParts, RawEmail, build_email, message_id_for
-from notifications.models import Mailing
-from notifications.rendering import render_parts
-from slips.links import parent_link
+from notifications.mailer import RawEmail
+from notifications.rendering import (
+    EmailInputs,
+    EmailParts,
+    build_email,
+    full_email,
+    message_id_for,
+    render_parts,
+)
+from slips.tokens import parent_link
 
 log = logging.getLogger("edsmart.stencil")
 
@@ -64,20 +71,6 @@ def _address_marker() -> str:
 
 def _plain_address(address: str) -> bool:
     return len(address) <= _MAX_PLAIN_ADDRESS and bool(_PLAIN_ADDRESS.match(address))
-
-
-@dataclass(frozen=True)
-class EmailInputs:
-    """Everything one delivery's email is made from."""
-
-    mailing: Mailing
-    school_name: str
-    from_email: str
-    reply_to: str
-    delivery_id: int
-    to: str
-    recipient_name: str
-    children: list[str]
 
 
 @dataclass
@@ -198,28 +191,6 @@ class StencilBook:
                 return None
             stencil.verified = True
         return RawEmail(from_addr=stencil.from_addr, to_addr=to, payload=filled)
-
-
-def full_email(
-    inputs: EmailInputs, *, date: str | None = None, link: str | None = None
-) -> EmailMultiAlternatives:
-    """The slow path: the templates rendered and the message built for one recipient."""
-    parts = render_parts(
-        mailing=inputs.mailing,
-        school_name=inputs.school_name,
-        delivery_id=inputs.delivery_id,
-        recipient_name=inputs.recipient_name,
-        children=inputs.children,
-        link=link,
-    )
-    return build_email(
-        delivery_id=inputs.delivery_id,
-        to=inputs.to,
-        from_email=inputs.from_email,
-        reply_to=inputs.reply_to,
-        parts=parts,
-        date=date,
-    )
 
 
 def reference_bytes(inputs: EmailInputs, *, date: str, link: str) -> bytes:

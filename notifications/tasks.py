@@ -1,27 +1,31 @@
-"""Thin Celery tasks: take ids, call the pipeline. No logic lives here (CONVENTIONS.md)."""
+"""Thin Celery tasks: take ids, call the pipeline's modules. No logic lives here (CONVENTIONS.md).
+
+Names are explicit and stable: queued messages outlive a deploy, and ``nudges`` publishes
+``send_batch`` by name.
+"""
 
 from __future__ import annotations
 
 from celery import shared_task
 
 # heartbeats is imported for its Celery signal receivers: beat and workers import this module.
-from notifications import alerts, heartbeats, log_context, pipeline
+from notifications import alerts, batch, dispatch, heartbeats, log_context, sweep
 
 
 @shared_task(name="notifications.tasks.send_batch")
 def send_batch(mailing_id: int | None = None) -> dict:
     log_context.tag(mailing_id=mailing_id)
-    return pipeline.batch_send(mailing_id=mailing_id).__dict__
+    return batch.batch_send(mailing_id=mailing_id).__dict__
 
 
 @shared_task(name="notifications.tasks.dispatch_due")
 def dispatch_due() -> list[int]:
-    return pipeline.dispatch_due()
+    return dispatch.dispatch_due()
 
 
 @shared_task(name="notifications.tasks.sweep")
-def sweep() -> dict:
-    return pipeline.sweep().__dict__
+def sweep_task() -> dict:
+    return sweep.sweep().__dict__
 
 
 @shared_task(name="notifications.tasks.watch")

@@ -19,6 +19,7 @@ from django.urls import path, reverse
 from django.utils.safestring import SafeString
 
 from edsmart.admin_tenancy import csv_response
+from notifications import selectors as notification_selectors
 from slips import selectors
 from slips.forms import PhoneAnswerForm
 from slips.models import Broadcast, Slip, Student
@@ -38,7 +39,7 @@ def render_answer_counts(slip: Slip, *, answers_url: str) -> SafeString:
 def render_broadcast_reach(broadcast: Broadcast) -> SafeString:
     return render_to_string(
         "admin/slips/broadcast_reach.html",
-        {"reach": selectors.broadcast_reach(broadcast=broadcast)},
+        {"reach": notification_selectors.broadcast_reach(broadcast=broadcast)},
     )
 
 

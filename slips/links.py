@@ -16,7 +16,6 @@ import datetime as dt
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.core import signing
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
@@ -24,19 +23,9 @@ from django.utils import timezone
 from notifications.models import Delivery
 from slips.models import Guardian, Response, Slip, Student
 from slips.responses import response_record, slip_is_open
+from slips.tokens import LinkError, LinkInvalid, delivery_id_from_token
 
-LINK_SALT = "edsmart.parent-link.v1"
-# Real tokens are ~40 characters; anything far longer is not ours and is not worth verifying.
-MAX_TOKEN_LENGTH = 256
-
-
-class LinkError(Exception):
-    """A parent's link that cannot be honoured."""
-
-
-class LinkInvalid(LinkError):
-    """Tampered, forged, malformed or pointing at nothing. One error for all of these, so the
-    page cannot tell a prober whether a message or a family exists."""
+__all__ = ["LinkError", "LinkExpired", "LinkInvalid", "StudentNotCovered"]
 
 
 class LinkExpired(LinkError):
@@ -45,14 +34,6 @@ class LinkExpired(LinkError):
 
 class StudentNotCovered(ValidationError):
     """An answer for a student this delivery does not name (a crafted request)."""
-
-
-def delivery_token(*, delivery_id: int) -> str:
-    return signing.dumps({"d": delivery_id}, salt=LINK_SALT, compress=True)
-
-
-def parent_link(*, delivery_id: int) -> str:
-    return f"{settings.SITE_URL}/p/{delivery_token(delivery_id=delivery_id)}/"
 
 
 def link_expiry_days() -> int:
@@ -69,27 +50,13 @@ def link_expires_at(*, delivery: Delivery) -> dt.datetime:
     return start + dt.timedelta(days=link_expiry_days())
 
 
-def _delivery_id_from(token: str) -> int:
-    if not token or len(token) > MAX_TOKEN_LENGTH:
-        raise LinkInvalid
-    try:
-        # No max_age: expiry belongs to the delivery, not to the moment the token was made.
-        payload = signing.loads(token, salt=LINK_SALT)
-    except (signing.BadSignature, ValueError, TypeError) as exc:
-        raise LinkInvalid from exc
-    delivery_id = payload.get("d") if isinstance(payload, dict) else None
-    if type(delivery_id) is not int or delivery_id <= 0:
-        raise LinkInvalid
-    return delivery_id
-
-
 def link_resolve(*, token: str) -> Delivery:
     """The Delivery (with its mailing, slip or broadcast, and school) a token names.
 
     Raises LinkInvalid for anything not issued by us or no longer pointing at a consistent
     row, and LinkExpired for a genuine link past its expiry.
     """
-    delivery_id = _delivery_id_from(token)
+    delivery_id = delivery_id_from_token(token)
     delivery = (
         Delivery.objects.select_related(
             "school", "mailing", "mailing__slip", "mailing__broadcast", "mailing__school"

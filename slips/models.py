@@ -213,8 +213,10 @@ class Sendable(models.Model):
       scheduled/sending --pause--> paused --resume--> scheduled (not yet fanned out) or sending
       draft/scheduled/sending/paused --cancel--> cancelled
     ```
-    Every transition is a conditional UPDATE in ``slips.services``; ``dispatched_at`` records
-    that the fan-out happened, so resume knows which state to return to.
+    Every transition is a conditional UPDATE: scheduling in ``slips.services``, dispatch in
+    ``notifications.dispatch``, pause, resume and cancel in ``notifications.controls`` (they
+    move the message's mailings with it), completion in ``notifications.sweep``.
+    ``dispatched_at`` records that the fan-out happened, so resume knows which state to return to.
     """
 
     school = models.ForeignKey(School, on_delete=models.CASCADE, related_name="%(class)ss")

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.dispatch import Signal
 from django.utils import timezone
 
 from slips.models import Guardian, Response, ResponseChange, SendStatus, Slip, Student
 
 ANSWERABLE = (SendStatus.SENDING, SendStatus.SENT)
+
+# Sent inside the answer's transaction with ``slip`` and ``student_ids``. The sending side
+# listens (notifications cancels reminders nobody needs any more) so that the answer and what
+# follows from it commit together, without this domain module importing the send pipeline.
+answers_recorded = Signal()
 
 
 def slip_is_open(*, slip: Slip) -> bool:
@@ -78,7 +84,5 @@ def response_record(
             recorded_by=recorded_by,
             answered_at=now,
         )
-        from notifications.pipeline import reminders_cancel_answered
-
-        reminders_cancel_answered(slip=slip, student_ids=[student.pk])
+        answers_recorded.send(sender=Response, slip=slip, student_ids=[student.pk])
     return response

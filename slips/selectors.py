@@ -1,4 +1,5 @@
-"""Read-only queries behind the staff views of answers and of a broadcast's reach.
+"""Read-only queries behind the staff views of answers (a broadcast's reach, which counts
+deliveries, is ``notifications.selectors.broadcast_reach``).
 
 Services write, selectors read: nothing here changes a row, and every query is bounded by the
 slip's or broadcast's own school, so a caller that has checked the message's tenant needs no
@@ -18,9 +19,8 @@ from dataclasses import dataclass, field
 
 from django.db.models import Count, FilteredRelation, Prefetch, Q, QuerySet
 
-from notifications.models import Delivery, DeliveryStatus
 from slips.audiences import audience_students
-from slips.models import Broadcast, Group, Guardian, Response, Slip, Student
+from slips.models import Group, Guardian, Response, Slip, Student
 
 
 @dataclass(frozen=True)
@@ -222,29 +222,3 @@ def slip_answer_csv_rows(*, slip: Slip) -> Iterator[list[str]]:
             response.answered_at.astimezone(zone).strftime("%Y-%m-%d %H:%M"),
             answered_by(response, style="csv"),
         ]
-
-
-@dataclass(frozen=True)
-class BroadcastReach:
-    sent: int
-    failed: int
-    unknown: int
-    opened: int
-
-
-def broadcast_reach(*, broadcast: Broadcast) -> BroadcastReach:
-    """Sent, failed and unknown deliveries of a broadcast, and how many were opened online.
-
-    ``opened`` counts deliveries whose link was first followed (``opened_at``), so one
-    recipient counts once however often they open it; mail scanners that prefetch links
-    make it an upper bound.
-    """
-    counts = Delivery.objects.filter(
-        mailing__broadcast=broadcast, school_id=broadcast.school_id
-    ).aggregate(
-        sent=Count("pk", filter=Q(status=DeliveryStatus.SENT)),
-        failed=Count("pk", filter=Q(status=DeliveryStatus.FAILED)),
-        unknown=Count("pk", filter=Q(status=DeliveryStatus.UNKNOWN)),
-        opened=Count("pk", filter=Q(opened_at__isnull=False)),
-    )
-    return BroadcastReach(**counts)

@@ -1,4 +1,6 @@
-"""What staff do to slips and broadcasts: create, schedule, pause, resume, cancel.
+"""What staff do to slips and broadcasts before sending: validate, schedule, unschedule,
+set reminder rounds. Pause, resume and cancel move mailings too, so they live with the
+sending side in ``notifications.controls``.
 
 Each state change is one conditional UPDATE (``filter(status__in=...).update(...)``) whose row
 count decides whether it happened, so two staff clicking at once, or a click racing the
@@ -84,73 +86,6 @@ def message_unschedule(*, message: Message) -> Message:
     )
     if not updated:
         raise ValidationError("Only a scheduled message that has not started can go back to draft.")
-    message.refresh_from_db()
-    return message
-
-
-def message_pause(*, message: Message) -> Message:
-    """scheduled/sending → paused. Workers stop before their next delivery of it."""
-    from notifications.pipeline import mailings_pause
-
-    with transaction.atomic():
-        updated = (
-            type(message)
-            .objects.filter(pk=message.pk, status__in=[SendStatus.SCHEDULED, SendStatus.SENDING])
-            .update(status=SendStatus.PAUSED, updated_at=timezone.now())
-        )
-        if not updated:
-            raise ValidationError("Only a scheduled or sending message can be paused.")
-        mailings_pause(source=message)
-    message.refresh_from_db()
-    return message
-
-
-def message_resume(*, message: Message) -> Message:
-    """paused → sending (already fanned out) or scheduled (not yet due or not yet dispatched)."""
-    from notifications.pipeline import mailings_resume
-
-    with transaction.atomic():
-        model = type(message)
-        updated = model.objects.filter(
-            pk=message.pk, status=SendStatus.PAUSED, dispatched_at__isnull=False
-        ).update(status=SendStatus.SENDING, updated_at=timezone.now())
-        if updated:
-            mailings_resume(source=message)
-        else:
-            updated = model.objects.filter(
-                pk=message.pk, status=SendStatus.PAUSED, dispatched_at__isnull=True
-            ).update(status=SendStatus.SCHEDULED, updated_at=timezone.now())
-        if not updated:
-            raise ValidationError("Only a paused message can be resumed.")
-    message.refresh_from_db()
-    return message
-
-
-def message_cancel(*, message: Message) -> Message:
-    """Stop for good. Deliveries not yet submitted are cancelled; sent ones stay sent."""
-    from notifications.pipeline import mailings_cancel
-
-    with transaction.atomic():
-        updated = (
-            type(message)
-            .objects.filter(
-                pk=message.pk,
-                status__in=[
-                    SendStatus.DRAFT,
-                    SendStatus.SCHEDULED,
-                    SendStatus.SENDING,
-                    SendStatus.PAUSED,
-                ],
-            )
-            .update(status=SendStatus.CANCELLED, updated_at=timezone.now())
-        )
-        if not updated:
-            raise ValidationError("This message has already finished or been cancelled.")
-        mailings_cancel(source=message)
-        if isinstance(message, Slip):
-            ReminderRound.objects.filter(
-                slip=message, status=ReminderRound.Status.SCHEDULED
-            ).update(status=ReminderRound.Status.CANCELLED)
     message.refresh_from_db()
     return message
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 
+from django.apps import apps
 from django.contrib.auth import get_user_model
+from django.db import connection
 from django.utils import timezone
 
-from notifications import pipeline
+from notifications import dispatch
 from notifications.models import Delivery, Mailing
 from slips.models import (
     Audience,
@@ -24,6 +26,21 @@ from slips.models import (
 from slips.services import message_schedule
 
 _seq = itertools.count(1)
+
+
+def empty_app_tables() -> None:
+    """Delete every row of the school and sending apps, committed.
+
+    For tests that run with real commits (``transaction=True``) and need a clean database
+    more often than once per test, e.g. once per Hypothesis example.
+    """
+    tables = [
+        model._meta.db_table
+        for label in ("slips", "notifications")
+        for model in apps.get_app_config(label).get_models(include_auto_created=True)
+    ]
+    with connection.cursor() as cur:
+        cur.execute("TRUNCATE " + ", ".join(connection.ops.quote_name(t) for t in tables))
 
 
 def make_school(*, slug: str | None = None, **fields: object) -> School:
@@ -134,7 +151,7 @@ def make_mailing(source: Slip | Broadcast, **fields: object) -> Mailing:
 def dispatch_now(message: Slip | Broadcast) -> int:
     """Schedule ``message`` for now and run the dispatcher once; returns the mailing id."""
     message_schedule(message=message, send_at=timezone.now())
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     return mailing_id
 
 

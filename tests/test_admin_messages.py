@@ -3,6 +3,9 @@ counts, delivery counts and log, and the resolution of unknown deliveries.
 
 Everything goes through the Django test client against real PostgreSQL, so what is checked is
 what staff would see: the status in the database afterwards and the message on the page.
+
+Over 400 lines on purpose: one file per admin (slips and broadcasts, their transitions
+and delivery pages), as tests/ keeps one file per unit.
 """
 
 from __future__ import annotations

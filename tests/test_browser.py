@@ -16,7 +16,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from notifications import pipeline
+from notifications import batch, dispatch
 from slips.models import Response
 from slips.services import message_schedule
 from slips.views import THANK_YOU
@@ -133,8 +133,8 @@ def test_parent_answers_for_two_children_from_the_email_and_admin_shows_it(
         free_text_question="Anything we should know?",
     )
     message_schedule(message=slip, send_at=timezone.now())
-    pipeline.dispatch_due()
-    pipeline.batch_send()
+    dispatch.dispatch_due()
+    batch.batch_send()
     [accepted] = smtp.accepted
     assert accepted.rcpt == "family@example.net"
     link = _link_from_email(accepted.raw)

@@ -230,16 +230,16 @@ def test_compose_refuses_a_due_date_on_a_broadcast(family_school):
     assert message_counts() == (0, 0, 0)
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_seed_demo_schedules_one_demo_slip_that_reaches_every_address(smtp, redis_client):
-    from notifications import pipeline
+    from notifications import batch, dispatch
 
     seed("--families", "6")
     seed("--families", "6")
     [slip] = Slip.objects.filter(school__slug="demo")
     assert slip.status == SendStatus.SCHEDULED
-    pipeline.dispatch_due()
-    pipeline.batch_send()
+    dispatch.dispatch_due()
+    batch.batch_send()
     addresses = {r.email_normalized for r in audience_recipients(slip.audience)}
     assert {a.rcpt for a in smtp.accepted} == addresses
     assert len(smtp.accepted) == len(addresses)

@@ -6,6 +6,9 @@ two beat schedulers, a mail server that stalls after DATA. The workers are real 
 talking to a private redis-server, the test's PostgreSQL database and an SMTP server in this
 process; the SMTP server's record of accepted messages is the ground truth every test ends
 with (``tests.invariants.assert_exactly_once``).
+
+Over 400 lines on purpose: the fault rig (processes, private Redis, SMTP ground truth) and
+the faults it creates are read together.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import pytest
 import redis
 from django.db import connection
 from django.utils import timezone
+from kombu import pools as kombu_pools
 
 from edsmart.celery import app as celery_app
-from notifications import nudges, pipeline
+from notifications import dispatch
+from notifications import sweep as sweeper
 from notifications.models import TERMINAL_STATUSES, Delivery, DeliveryEvent, DeliveryStatus, Mailing
 from notifications.tasks import send_batch
 from slips.models import Broadcast, Guardian, School, SendStatus, Slip, Student, normalize_email
@@ -150,7 +155,7 @@ class Rig:
 
         def done() -> bool:
             if sweep:
-                pipeline.sweep()
+                sweeper.sweep()
             return not Delivery.objects.exclude(status__in=list(TERMINAL_STATUSES)).exists()
 
         wait_until(
@@ -182,6 +187,8 @@ def rig(transactional_db, settings, monkeypatch, fault_smtp) -> Iterator[Rig]:
             "LOG_LEVEL": "INFO",
         }
         procs = Processes(workdir=workdir, env=env)
+        # Read before CELERY_BROKER_URL changes below: the app reads Django's settings lazily.
+        previous_broker = celery_app.conf.broker_url
         settings.REDIS_URL = private.url
         settings.CELERY_BROKER_URL = private.url
         settings.EMAIL_BACKEND = env["EMAIL_BACKEND"]
@@ -190,7 +197,6 @@ def rig(transactional_db, settings, monkeypatch, fault_smtp) -> Iterator[Rig]:
         settings.EMAIL_USE_TLS = False
         rig = Rig(redis=private, smtp=fault_smtp, procs=procs, settings=settings)
         rig.configure(**BASE)
-        previous_broker = celery_app.conf.broker_url
         _point_celery_at(private.url)
         try:
             yield rig
@@ -203,15 +209,18 @@ def rig(transactional_db, settings, monkeypatch, fault_smtp) -> Iterator[Rig]:
 
 
 def _point_celery_at(url: str) -> None:
-    """Publish from this process to ``url``: nudges and the app cache their connections."""
+    """Publish from this process to ``url``: the Celery app caches its connections (the Redis
+    client of nudges is looked up by URL at each call).
+
+    kombu keeps connection and producer pools in process-wide groups keyed by broker URL, and
+    the app's pool is one of them: closing it without emptying the groups left the test
+    process with a closed pool for the default broker, and any later publish failed with
+    "Acquire on closed pool". ``kombu.pools.reset`` closes and forgets them all.
+    """
     celery_app.conf.broker_url = url
-    if celery_app._pool is not None:
-        celery_app._pool.force_close_all()
+    kombu_pools.reset()
     celery_app._pool = None
     celery_app.amqp._producer_pool = None
-    if nudges._client is not None:
-        nudges._client.close()
-    nudges._client = None
 
 
 def _school_with_families(families: int, slug: str = "northside") -> School:
@@ -266,7 +275,7 @@ def test_same_batch_enqueued_50_times_across_two_workers(rig: Rig) -> None:
     for w in workers:
         rig.procs.wait_ready(w, concurrency=2)
 
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     for _ in range(50):
         send_batch.delay(mailing_id)
         send_batch.delay(None)
@@ -300,7 +309,7 @@ def test_worker_child_killed_while_sending(rig: Rig) -> None:
     worker = rig.procs.worker("w1")
     before = {c.pid for c in worker.children()}
 
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     child, victim = wait_until(
         lambda: _in_data(rig, [worker]),
         timeout=30,
@@ -348,11 +357,11 @@ def test_redis_lost_mid_broadcast(rig: Rig, fault: str) -> None:
     rig.smtp.handler.behaviour.delay = 0.04
     _scheduled_broadcast(_school_with_families(200, slug="northside"))
     worker = rig.procs.worker("w1")
-    [big] = pipeline.dispatch_due()
+    [big] = dispatch.dispatch_due()
     for _ in range(20):  # more of A's work queued, to be lost with Redis
         send_batch.delay(big)
     _scheduled_broadcast(_school_with_families(40, slug="southside"))
-    [small] = pipeline.dispatch_due()
+    [small] = dispatch.dispatch_due()
 
     wait_until(
         lambda: len(rig.smtp.accepted) >= 30,
@@ -442,7 +451,7 @@ def test_paused_worker_past_its_leases_races_the_sweeper(rig: Rig) -> None:
     rig.procs.wait_ready(workers[0], concurrency=2)
     rig.procs.wait_ready(workers[1], concurrency=1)
 
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     child, victim = wait_until(
         lambda: _in_data(rig, workers),
         timeout=30,
@@ -459,7 +468,7 @@ def test_paused_worker_past_its_leases_races_the_sweeper(rig: Rig) -> None:
         # While it sleeps: its submit lease runs out (-> unknown), its other claims run out
         # (-> pending) and the other workers send them.
         def swept() -> bool:
-            pipeline.sweep()
+            sweeper.sweep()
             stale = DeliveryEvent.objects.filter(
                 from_status=S.CLAIMED, to_status=S.PENDING, actor="sweep"
             )
@@ -520,9 +529,9 @@ def test_stall_after_data_in_a_worker_run_broadcast(rig: Rig) -> None:
     _scheduled_broadcast(school)
     rig.procs.worker("w1", concurrency=1)
 
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     wait_until(
-        lambda: pipeline.sweep() and rig.smtp.handler.received_data >= 2,
+        lambda: sweeper.sweep() and rig.smtp.handler.received_data >= 2,
         timeout=30,
         interval=0.02,
         message="two stalled sends",
@@ -531,7 +540,7 @@ def test_stall_after_data_in_a_worker_run_broadcast(rig: Rig) -> None:
     rig.smtp.handler.behaviour.stall = 0
     rig.settle(timeout=30)
     for _ in range(3):  # later sweeps and batches must leave the unknowns alone
-        pipeline.sweep()
+        sweeper.sweep()
         send_batch.delay(mailing_id)
     rig.wait_quiet()
 

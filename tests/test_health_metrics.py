@@ -11,7 +11,7 @@ from django.db import connection
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from notifications import heartbeats, pipeline, tasks
+from notifications import batch, dispatch, heartbeats, tasks
 from notifications.models import Delivery, DeliveryStatus, Heartbeat
 from slips.services import message_schedule
 from tests import factories
@@ -120,7 +120,7 @@ def scrape(client) -> dict[tuple[str, tuple], float]:
     return samples
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_metrics_show_real_counts(client, settings, school, smtp, redis_client):
     settings.EDSMART_METRICS_TOKEN = TOKEN
     fresh()
@@ -129,9 +129,9 @@ def test_metrics_show_real_counts(client, settings, school, smtp, redis_client):
         factories.make_family(school=school)
     b = factories.make_broadcast(school=school)
     message_schedule(message=b, send_at=timezone.now())
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     # Three of five go out; two wait, and were fanned out ten minutes ago.
-    assert pipeline.batch_send(mailing_id=mailing_id, limit=3).sent == 3
+    assert batch.batch_send(mailing_id=mailing_id, limit=3).sent == 3
     Delivery.objects.filter(status=S.PENDING).update(
         created_at=timezone.now() - dt.timedelta(minutes=10)
     )
@@ -158,7 +158,7 @@ def test_metrics_show_real_counts(client, settings, school, smtp, redis_client):
     assert m[("edsmart_workers_seen", ())] == 1
 
     # Values are read at scrape time: the next scrape sees the next send.
-    pipeline.batch_send(mailing_id=mailing_id)
+    batch.batch_send(mailing_id=mailing_id)
     m = scrape(client)
     assert m[("edsmart_deliveries", (("status", "sent"),))] == 5
     assert m[("edsmart_sends_total", ())] == 5

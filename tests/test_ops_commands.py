@@ -8,7 +8,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from notifications import pipeline
+from notifications import batch
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Mailing, SendingSwitch
 from slips.models import School, SendStatus
 from tests import factories
@@ -60,9 +60,10 @@ def test_message_pause_by_mailing_or_source_ref(school, redis_client):
         run("sending", "pause", "--message", "999999")
 
 
+@pytest.mark.django_db(transaction=True)
 def test_delivery_report_counts(school, smtp, redis_client):
     _, mailing = _dispatched(school, families=4)
-    pipeline.batch_send(limit=3)
+    batch.batch_send(limit=3)
     report = json.loads(run("delivery_report", "--message", str(mailing.pk), "--json"))
     assert report["totals"][S.SENT] == 3 and report["totals"][S.PENDING] == 1
     text = run("delivery_report")
@@ -79,14 +80,15 @@ def test_resolve_unknown_records_who_decided(school, redis_client):
     assert "No unknown" in run("resolve_unknown", "--message", str(mailing.pk), "--mark-sent")
 
 
+@pytest.mark.django_db(transaction=True)
 def test_resolve_unknown_resend_goes_out_again_with_same_message_id(school, smtp, redis_client):
     _, mailing = _dispatched(school, families=1)
-    pipeline.batch_send()
+    batch.batch_send()
     d = Delivery.objects.get()
     Delivery.objects.filter(pk=d.pk).update(status=S.UNKNOWN, last_error="stalled")
     smtp.handler.reset()
     run("resolve_unknown", "--message", str(mailing.pk), "--resend")
-    pipeline.batch_send()
+    batch.batch_send()
     d.refresh_from_db()
     assert d.status == S.SENT
     assert [a.message_id for a in smtp.accepted] == [d.message_id_header]

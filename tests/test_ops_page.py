@@ -8,7 +8,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from notifications import alerts, heartbeats, pipeline
+from notifications import alerts, controls, dispatch, heartbeats
 from notifications.models import Alert, Delivery, DeliveryStatus, SendingSwitch
 from slips.models import School
 from slips.services import message_schedule
@@ -61,10 +61,10 @@ def test_page_shows_each_school_with_its_backlog_unknowns_and_alerts(
         factories.make_family(school=school)
     b = factories.make_broadcast(school=school)
     message_schedule(message=b, send_at=timezone.now())
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     first = Delivery.objects.filter(mailing_id=mailing_id).first()
     Delivery.objects.filter(pk=first.pk).update(status=S.UNKNOWN)
-    pipeline.sending_set_paused(paused=True, actor="test", school=other_school)
+    controls.sending_set_paused(paused=True, actor="test", school=other_school)
     heartbeats.heartbeat_record(name=heartbeats.BEAT)
     heartbeats.worker_record(hostname="w1@test")
     alerts.watch()
@@ -86,7 +86,7 @@ def test_unknown_link_opens_the_filtered_delivery_list(client, superuser, school
     factories.make_family(school=school)
     b = factories.make_broadcast(school=school)
     message_schedule(message=b, send_at=timezone.now())
-    pipeline.dispatch_due()
+    dispatch.dispatch_due()
     Delivery.objects.update(status=S.UNKNOWN)
     url = f"/admin/notifications/delivery/?status__exact=unknown&school__id__exact={school.pk}"
     response = get(client, url)

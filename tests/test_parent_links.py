@@ -1,6 +1,6 @@
 """Parents' signed links: what a token can and cannot reach, expiry, and what a GET may write.
 
-Deliveries are made the real way (schedule, then ``pipeline.dispatch_due``); tokens are made
+Deliveries are made the real way (schedule, then ``dispatch.dispatch_due``); tokens are made
 with the same function the email rendering uses, or forged the ways an attacker would.
 """
 
@@ -20,16 +20,11 @@ from django.core import signing
 from django.test import Client
 from django.utils import timezone
 
-from notifications import pipeline
+from notifications import batch
 from notifications.models import Delivery, Mailing
-from slips.links import (
-    LINK_SALT,
-    LinkExpired,
-    LinkInvalid,
-    delivery_token,
-    link_resolve,
-)
+from slips.links import LinkExpired, link_resolve
 from slips.models import Response, ResponseChange, Slip
+from slips.tokens import LINK_SALT, LinkInvalid, delivery_token
 from tests import factories
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("web_settings")]
@@ -68,12 +63,13 @@ def invalid_body(client) -> bytes:
     return response.content
 
 
+@pytest.mark.django_db(transaction=True)
 def test_the_link_in_the_email_opens_the_familys_slip(school, smtp, redis_client, client):
     kids, _ = factories.make_family(school=school, children=2)
     audience = factories.make_audience(school=school, whole_school=False, students=kids)
     slip = factories.make_slip(school=school, audience=audience, title="Zoo excursion")
     [delivery] = factories.dispatched_deliveries(slip)
-    pipeline.batch_send()
+    batch.batch_send()
     [accepted] = smtp.accepted
     msg = email.message_from_bytes(accepted.raw)
     text = next(p for p in msg.walk() if p.get_content_type() == "text/plain")

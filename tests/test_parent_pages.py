@@ -11,11 +11,11 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from notifications import pipeline
+from notifications import dispatch
 from notifications.models import Delivery, DeliveryStatus, Mailing
-from slips.links import delivery_token
 from slips.models import ReminderRound, Response, ResponseChange, Slip
 from slips.services import slip_reminders_set
+from slips.tokens import delivery_token
 from slips.views import THANK_YOU
 from tests import factories
 
@@ -161,7 +161,7 @@ def _no_quiet_hours(school) -> None:
 def _reminder_round(slip) -> list[Delivery]:
     [rr] = slip_reminders_set(slip=slip, days_before_due=[2])
     ReminderRound.objects.filter(pk=rr.pk).update(send_at=timezone.now())
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     assert Mailing.objects.get(pk=mailing_id).kind == Mailing.Kind.REMINDER
     return list(Delivery.objects.filter(mailing_id=mailing_id).order_by("pk"))
 

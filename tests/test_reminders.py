@@ -8,15 +8,16 @@ import zoneinfo
 import pytest
 from django.utils import timezone
 
-from notifications import pipeline
+from notifications import batch, dispatch, selectors, sweep
+from notifications.controls import message_cancel
 from notifications.models import Delivery, DeliveryStatus, Mailing
 from slips.models import ReminderRound, SendStatus
 from slips.responses import response_record
-from slips.services import message_cancel, message_schedule, slip_reminders_set
+from slips.services import message_schedule, slip_reminders_set
 from tests import factories
 from tests.invariants import assert_exactly_once
 
-pytestmark = pytest.mark.django_db
+pytestmark = pytest.mark.django_db(transaction=True)
 S = DeliveryStatus
 
 
@@ -26,8 +27,8 @@ def _sent_slip(school, smtp):
     fam_c = factories.make_family(school=school)  # never answers
     slip = factories.make_slip(school=school, due_at=timezone.now() + dt.timedelta(days=5))
     message_schedule(message=slip, send_at=timezone.now())
-    pipeline.dispatch_due()
-    pipeline.batch_send()
+    dispatch.dispatch_due()
+    batch.batch_send()
     slip.refresh_from_db()
     return slip, fam_a, fam_b, fam_c
 
@@ -49,11 +50,11 @@ def test_round_targets_only_unanswered_children(school, smtp, redis_client):
     response_record(slip=slip, student=kids_a[0], consent=True)
     response_record(slip=slip, student=kids_b[0], consent=False)
     rr = _make_round_due(slip)
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     rows = {tuple(sorted(d.student_ids)) for d in Delivery.objects.filter(mailing_id=mailing_id)}
     assert rows == {(kids_a[1].pk,), (kids_c[0].pk,)}
-    pipeline.batch_send()
-    pipeline.sweep()
+    batch.batch_send()
+    sweep.sweep()
     rr.refresh_from_db()
     assert rr.status == ReminderRound.Status.SENT
     reminders = [a for a in smtp.accepted if a.subject.startswith("Reminder:")]
@@ -67,7 +68,7 @@ def test_answer_cancels_the_familys_pending_reminder_in_the_same_transaction(
     _no_quiet_hours(school)
     slip, (kids_a, _), _, (kids_c, _) = _sent_slip(school, smtp)
     _make_round_due(slip)
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     response_record(slip=slip, student=kids_c[0], consent=True)
     d_c = Delivery.objects.get(mailing_id=mailing_id, student_ids__contains=[kids_c[0].pk])
     assert d_c.status == S.CANCELLED
@@ -87,18 +88,18 @@ def test_quiet_hours_hold_a_round_until_morning(school, smtp, redis_client):
     school.quiet_hours_start = (local_now - dt.timedelta(hours=1)).time()
     school.quiet_hours_end = (local_now + dt.timedelta(hours=1)).time()
     school.save()
-    assert pipeline.in_quiet_hours(school=school)
+    assert selectors.in_quiet_hours(school=school)
     _make_round_due(slip)
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     before = len(smtp.accepted)
-    assert pipeline.batch_send(mailing_id=mailing_id).claimed == 0
+    assert batch.batch_send(mailing_id=mailing_id).claimed == 0
     assert len(smtp.accepted) == before
     # Morning comes: the window no longer covers now.
     school.quiet_hours_start = (local_now + dt.timedelta(hours=2)).time()
     school.quiet_hours_end = (local_now + dt.timedelta(hours=3)).time()
     school.save()
-    assert not pipeline.in_quiet_hours(school=school)
-    assert pipeline.batch_send(mailing_id=mailing_id).sent == 3
+    assert not selectors.in_quiet_hours(school=school)
+    assert batch.batch_send(mailing_id=mailing_id).sent == 3
     # The first send of a slip ignores quiet hours; only reminder rounds wait.
     assert Mailing.objects.get(slip=slip, round=0).kind == Mailing.Kind.SLIP
 
@@ -110,11 +111,11 @@ def test_round_after_due_date_or_cancel_sends_nothing(school, smtp, redis_client
     message_cancel(message=slip)
     rr.refresh_from_db()
     assert rr.status == ReminderRound.Status.CANCELLED
-    assert pipeline.dispatch_due() == []
+    assert dispatch.dispatch_due() == []
     slip2, *_ = _sent_slip(school, smtp)
     rr2 = _make_round_due(slip2)
     type(slip2).objects.filter(pk=slip2.pk).update(due_at=timezone.now())
-    assert pipeline.dispatch_due() == []
+    assert dispatch.dispatch_due() == []
     rr2.refresh_from_db()
     assert rr2.status == ReminderRound.Status.CANCELLED
     assert slip2.status in (SendStatus.SENDING, SendStatus.SENT)

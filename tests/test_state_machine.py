@@ -14,6 +14,9 @@ at the end every worker dies, the dust settles, and every row must be terminal w
 What the test itself must not do is cause a duplicate a real operator could not avoid: it
 resolves an ``unknown`` row only as the server's record says, and only once no worker that
 could still send it is alive (in production: after the task's hard time limit has passed).
+
+Over 400 lines on purpose: a Hypothesis state machine is one class whose rules and
+invariants only make sense together.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import get_connection
 from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
-from django.db import transaction
 from django.db.models import Q
 from django.test import override_settings
 from django.utils import timezone
@@ -44,8 +46,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from notifications import nudges, pipeline
-from notifications.mailer import Outcome, SendResult, message_id_for, send_one
+from notifications import batch, compose, controls, dispatch, nudges, selectors, sweep, transitions
+from notifications.controls import message_cancel, message_pause, message_resume
+from notifications.mailer import Outcome, SendResult, send_one
 from notifications.models import (
     TERMINAL_STATUSES,
     Delivery,
@@ -54,8 +57,9 @@ from notifications.models import (
     Mailing,
     SendingSwitch,
 )
+from notifications.rendering import message_id_for
 from slips.models import Broadcast, SendStatus
-from slips.services import message_cancel, message_pause, message_resume, message_schedule
+from slips.services import message_schedule
 from tests import factories
 from tests.invariants import assert_exactly_once
 from tests.smtp_server import Behaviour
@@ -138,7 +142,7 @@ class Hand:
     after the sweeper gave up on it) or die (and never record).
     """
 
-    claim: pipeline.Claimed
+    claim: transitions.Claimed
     stage: str
     result: SendResult | None = None
 
@@ -187,9 +191,9 @@ class DeliveryMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        # Every example shares the test's transaction; a savepoint per example gives each a
-        # clean database (rolled back in teardown) without truncating tables.
-        self.savepoint = transaction.savepoint()
+        # Every step commits for real, as in production (the batch refuses to run inside a
+        # transaction); each example starts from empty tables and empties them in teardown.
+        factories.empty_app_tables()
         self.clean = True
         self.smtp.handler.reset()
         school = factories.make_school()
@@ -205,7 +209,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             )
             for _ in range(2)
         ]
-        self.mailing_ids = sorted(pipeline.dispatch_due())
+        self.mailing_ids = sorted(dispatch.dispatch_due())
         assert len(self.mailing_ids) == 2
         self.delivery_ids = list(
             Delivery.objects.filter(mailing_id__in=self.mailing_ids).values_list("pk", flat=True)
@@ -239,7 +243,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.smtp.handler.behaviour = Behaviour(**behaviour.__dict__)
         timeout = STALL_TIMEOUT if behaviour.stall else settings.EMAIL_TIMEOUT
         backend = get_connection(fail_silently=False, timeout=timeout)
-        email = pipeline._MailingCache([hand.claim]).outgoing_for(
+        email = compose.Composer([hand.claim]).email_for(
             hand.claim, raw_ok=isinstance(backend, SMTPBackend)
         )
         try:
@@ -267,7 +271,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     def record(self, hand: Hand, result: SendResult) -> None:
         row = Delivery.objects.get(pk=hand.claim.id)
         expected = self.expected_record(hand, row, result.outcome)
-        got = pipeline.delivery_record(claimed=hand.claim, result=result)
+        got = transitions.delivery_record(claimed=hand.claim, result=result)
         assert got == expected, (hand, row.status, row.attempt, result.outcome, got)
 
     # --- the one rule ------------------------------------------------------------------------
@@ -320,9 +324,9 @@ class DeliveryMachine(RuleBasedStateMachine):
             .order_by("pk")
             .values_list("pk", "mailing_id")
         )
-        expected = [pk for pk, m in due if pipeline.sending_allowed(mailing_id=m)][:k]
+        expected = [pk for pk, m in due if selectors.sending_allowed(mailing_id=m)][:k]
         mailing_id = None if which is None else self.mailing_ids[which]
-        claims = pipeline.deliveries_claim(limit=k, mailing_id=mailing_id)
+        claims = transitions.deliveries_claim(limit=k, mailing_id=mailing_id)
         assert [c.id for c in claims] == expected
         for c in claims:
             before = self.seen.get(c.id, (0, 0))[0]
@@ -338,8 +342,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         hand = batch[0]
         row = Delivery.objects.get(pk=hand.claim.id)
         owns = row.status == S.CLAIMED and row.attempt == hand.claim.attempt
-        allowed = pipeline.sending_allowed(mailing_id=row.mailing_id)
-        assert pipeline.delivery_start(claimed=hand.claim) == (owns and allowed), (hand, row.status)
+        allowed = selectors.sending_allowed(mailing_id=row.mailing_id)
+        assert transitions.delivery_start(claimed=hand.claim) == (owns and allowed), (
+            hand,
+            row.status,
+        )
         if owns and allowed:
             hand.stage = STARTED
             row.refresh_from_db()
@@ -348,7 +355,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         elif allowed:
             batch.pop(0)
         else:
-            pipeline.claims_release(claims=[h.claim for h in batch])
+            transitions.claims_release(claims=[h.claim for h in batch])
             batch.clear()
 
     def batch(self, which: int | None, reply: str) -> None:
@@ -358,7 +365,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         timeout = STALL_TIMEOUT if behaviour.stall else settings.EMAIL_TIMEOUT
         try:
             with override_settings(EMAIL_TIMEOUT=timeout):
-                pipeline.batch_send(
+                batch.batch_send(
                     mailing_id=None if which is None else self.mailing_ids[which], limit=1
                 )
         finally:
@@ -381,7 +388,7 @@ class DeliveryMachine(RuleBasedStateMachine):
                 rows.update(next_attempt_at=past)
             else:
                 rows.update(lease_until=past)
-        pipeline.sweep()
+        sweep.sweep()
 
     def staff(self, action: str, i: int) -> None:
         """Ops flip the global switch; staff pause/resume or cancel a message.
@@ -398,7 +405,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         source = self.sources[which]
         source.refresh_from_db()
         if action in ("pause all", "resume all"):
-            pipeline.sending_set_paused(paused=action == "pause all", actor="hypothesis")
+            controls.sending_set_paused(paused=action == "pause all", actor="hypothesis")
         elif action == "toggle pause" and source.status == SendStatus.SENDING:
             message_pause(message=source)
         elif action == "toggle pause" and source.status == SendStatus.PAUSED:
@@ -433,10 +440,10 @@ class DeliveryMachine(RuleBasedStateMachine):
             return
         pk = candidates[i % len(candidates)]
         if self.accepted_count(pk) > 0:
-            resolution = pipeline.Resolution.SENT
+            resolution = controls.Resolution.SENT
         else:
-            resolution = pipeline.Resolution.RESEND if resend else pipeline.Resolution.FAILED
-        moved = pipeline.unknowns_resolve(
+            resolution = controls.Resolution.RESEND if resend else controls.Resolution.FAILED
+        moved = controls.unknowns_resolve(
             delivery_ids=[pk], resolution=resolution, actor="ops@hypothesis"
         )
         assert moved == 1
@@ -484,7 +491,7 @@ class DeliveryMachine(RuleBasedStateMachine):
             if self.clean:
                 self.settle()
         finally:
-            transaction.savepoint_rollback(self.savepoint)
+            factories.empty_app_tables()
 
     def settle(self) -> None:
         """Every worker dies; ops resume everything; sweeps and behaving batches drain the rest.
@@ -492,10 +499,10 @@ class DeliveryMachine(RuleBasedStateMachine):
         Then the liveness half of the promise: every row terminal, every mailing finished,
         and the exactly-once check of tests/invariants.py.
         """
-        for batch in self.workers:
-            batch.clear()
+        for held in self.workers:
+            held.clear()
         self.smtp.handler.behaviour = Behaviour()
-        pipeline.sending_set_paused(paused=False, actor="hypothesis")
+        controls.sending_set_paused(paused=False, actor="hypothesis")
         for source in self.sources:
             source.refresh_from_db()
             if source.status == SendStatus.PAUSED:
@@ -507,10 +514,10 @@ class DeliveryMachine(RuleBasedStateMachine):
             Delivery.objects.filter(mailing_id__in=self.mailing_ids, status=S.RETRY_WAIT).update(
                 next_attempt_at=timezone.now() - dt.timedelta(seconds=1)
             )
-            pipeline.sweep()
-            while pipeline.batch_send(limit=50).claimed:
+            sweep.sweep()
+            while batch.batch_send(limit=50).claimed:
                 pass
-            pipeline.sweep()
+            sweep.sweep()
             if all(d.status in TERMINAL_STATUSES for d in self.rows().values()):
                 break
         stuck = {pk: d.status for pk, d in self.rows().items() if d.status not in TERMINAL_STATUSES}
@@ -529,9 +536,9 @@ class DeliveryMachine(RuleBasedStateMachine):
 
 
 @pytest.mark.timeout(900)  # a failure is shrunk for up to five minutes
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_delivery_state_machine(smtp, settings, redis_client, monkeypatch):
-    """Run the machine; each example gets its own savepoint, school and two mailings."""
+    """Run the machine; each example gets empty tables, its own school and two mailings."""
     settings.EMAIL_TIMEOUT = 10  # generous: no ordinary send may time out on a busy machine
     settings.EDSMART_MAX_ATTEMPTS = MAX_ATTEMPTS
     settings.EDSMART_RETRY_BASE_SECONDS = 60
@@ -550,13 +557,13 @@ def test_delivery_state_machine(smtp, settings, redis_client, monkeypatch):
 # --- interleavings the machine found, as plain step-by-step tests ------------------------------
 
 
-def _one_delivery_in_flight(school) -> tuple[Broadcast, pipeline.Claimed]:
+def _one_delivery_in_flight(school) -> tuple[Broadcast, transitions.Claimed]:
     factories.make_family(school=school)
     source = factories.make_broadcast(school=school)
     message_schedule(message=source, send_at=timezone.now())
-    pipeline.dispatch_due()
-    [claimed] = pipeline.deliveries_claim(limit=1)
-    assert pipeline.delivery_start(claimed=claimed)
+    dispatch.dispatch_due()
+    [claimed] = transitions.deliveries_claim(limit=1)
+    assert transitions.delivery_start(claimed=claimed)
     return source, claimed
 
 
@@ -565,13 +572,13 @@ def _settle_and_assert_terminal() -> None:
         Delivery.objects.filter(status=S.RETRY_WAIT).update(
             next_attempt_at=timezone.now() - dt.timedelta(seconds=1)
         )
-        pipeline.sweep()
-        pipeline.batch_send()
+        sweep.sweep()
+        batch.batch_send()
     stuck = dict(Delivery.objects.exclude(status__in=TERMINAL_STATUSES).values_list("pk", "status"))
     assert not stuck, f"rows never settled: {stuck}"
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_4xx_for_a_send_in_flight_when_its_message_is_cancelled_settles(
     school, smtp, settings, redis_client
 ):
@@ -580,12 +587,12 @@ def test_4xx_for_a_send_in_flight_when_its_message_is_cancelled_settles(
     source, claimed = _one_delivery_in_flight(school)
     message_cancel(message=source)
     refused = SendResult(Outcome.RETRY, "RCPT TO refused: 451 4.3.0 Try again later")
-    pipeline.delivery_record(claimed=claimed, result=refused)
+    transitions.delivery_record(claimed=claimed, result=refused)
     _settle_and_assert_terminal()
     assert not smtp.accepted
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_late_4xx_after_the_mailing_completed_on_unknown_settles(
     school, smtp, settings, redis_client
 ):
@@ -593,9 +600,9 @@ def test_late_4xx_after_the_mailing_completed_on_unknown_settles(
     settings.EDSMART_MAX_ATTEMPTS = MAX_ATTEMPTS
     _, claimed = _one_delivery_in_flight(school)
     Delivery.objects.update(lease_until=timezone.now() - dt.timedelta(seconds=1))
-    pipeline.sweep()
+    sweep.sweep()
     assert Mailing.objects.get().status == Mailing.Status.COMPLETED
     refused = SendResult(Outcome.RETRY, "RCPT TO refused: 451 4.3.0 Try again later")
-    assert pipeline.delivery_record(claimed=claimed, result=refused) == S.RETRY_WAIT
+    assert transitions.delivery_record(claimed=claimed, result=refused) == S.RETRY_WAIT
     _settle_and_assert_terminal()
     assert_exactly_once(smtp.accepted)

@@ -20,13 +20,8 @@ from hypothesis import strategies as st
 
 from notifications import stencil as stencil_module
 from notifications.models import Mailing
-from notifications.stencil import (
-    MAX_LINE_BYTES,
-    EmailInputs,
-    StencilBook,
-    full_email,
-    reference_bytes,
-)
+from notifications.rendering import EmailInputs, full_email
+from notifications.stencil import MAX_LINE_BYTES, StencilBook, reference_bytes
 
 FROM = "noreply@edsmart.localhost"
 

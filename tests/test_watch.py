@@ -12,7 +12,7 @@ from django.db import connection
 from django.utils import timezone
 from sentry_sdk.transport import Transport
 
-from notifications import alerts, heartbeats, pipeline
+from notifications import alerts, batch, controls, heartbeats, sweep, transitions
 from notifications.models import Alert, Delivery, DeliveryEvent, DeliveryStatus, SendingSwitch
 from slips.models import Guardian, School
 from tests import factories
@@ -49,7 +49,7 @@ def dispatched(school, families: int = 3) -> int:
 
 def drain(mailing_id: int | None = None) -> None:
     for _ in range(20):
-        if not pipeline.batch_send(mailing_id=mailing_id).claimed:
+        if not batch.batch_send(mailing_id=mailing_id).claimed:
             break
 
 
@@ -57,7 +57,7 @@ def open_keys() -> set[str]:
     return set(Alert.objects.filter(cleared_at__isnull=True).values_list("key", flat=True))
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_quiet_when_all_is_well(school, smtp, redis_client, ops):
     alive()
     drain(dispatched(school, families=12))
@@ -134,19 +134,19 @@ def test_unknown_outcome_alerts_until_resolved(school, redis_client, ops):
     alive()
     mailing_id = dispatched(school, families=2)
     # A worker claims and starts a send, then vanishes: its lease runs out mid-submit.
-    [first, _] = pipeline.deliveries_claim(limit=2, mailing_id=mailing_id)
-    assert pipeline.delivery_start(claimed=first)
+    [first, _] = transitions.deliveries_claim(limit=2, mailing_id=mailing_id)
+    assert transitions.delivery_start(claimed=first)
     Delivery.objects.filter(pk=first.id).update(lease_until=timezone.now() - dt.timedelta(1))
-    assert pipeline.sweep().submits_expired == 1
+    assert sweep.sweep().submits_expired == 1
     assert Delivery.objects.get(pk=first.id).status == S.UNKNOWN
 
     assert alerts.watch().raised == [f"unknown:school:{school.pk}"]
     assert "1 deliveries with an unknown outcome" in ops[0].subject
-    pipeline.unknowns_resolve(delivery_ids=[first.id], resolution="failed", actor="ops")
+    controls.unknowns_resolve(delivery_ids=[first.id], resolution="failed", actor="ops")
     assert alerts.watch().cleared == [f"unknown:school:{school.pk}"]
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_failure_rate_over_threshold_alerts(
     school, other_school, smtp, redis_client, settings, ops
 ):
@@ -162,7 +162,7 @@ def test_failure_rate_over_threshold_alerts(
     assert "33% of sends failed" in ops[0].subject
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_few_failures_under_the_minimum_volume_stay_quiet(school, smtp, redis_client, ops):
     alive()
     smtp.handler.behaviour.rcpt_reply = "550 5.1.1 no such user"
@@ -181,7 +181,7 @@ def _duplicate_one(school) -> Delivery:
     return d
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_duplicate_trips_the_circuit_breaker_for_that_school_only(
     school, other_school, smtp, redis_client, ops
 ):
@@ -200,10 +200,10 @@ def test_duplicate_trips_the_circuit_breaker_for_that_school_only(
     assert len(ops) == 1 and "DUPLICATE" in ops[0].subject
     # A paused school claims nothing: new work waits.
     mailing_id = dispatched(school, families=1)
-    assert pipeline.batch_send(mailing_id=mailing_id).claimed == 0
+    assert batch.batch_send(mailing_id=mailing_id).claimed == 0
 
     # Ops investigate and resume; the alert stays open as the record, the breaker stays off.
-    pipeline.sending_set_paused(paused=False, actor="ops", school=school)
+    controls.sending_set_paused(paused=False, actor="ops", school=school)
     assert alerts.watch().raised == []
     assert not School.objects.get(pk=school.pk).sending_paused and len(ops) == 1
 

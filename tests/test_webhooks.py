@@ -14,7 +14,7 @@ import time
 import pytest
 from django.utils import timezone
 
-from notifications import pipeline
+from notifications import batch, dispatch
 from notifications.models import Delivery, DeliveryStatus
 from slips.models import Guardian
 from slips.services import message_schedule
@@ -132,6 +132,7 @@ def test_unconfigured_webhook_does_not_exist(client, settings, school):
     assert suppressed(g) is None
 
 
+@pytest.mark.django_db(transaction=True)
 def test_bounce_then_next_broadcast_skips_that_address(client, mailgun, school, smtp, redis_client):
     kid = factories.make_student(school=school)
     bounced = factories.make_guardian(school=school, students=[kid], email="gone@example.org")
@@ -140,12 +141,12 @@ def test_bounce_then_next_broadcast_skips_that_address(client, mailgun, school, 
 
     b = factories.make_broadcast(school=school)
     message_schedule(message=b, send_at=timezone.now())
-    [mailing_id] = pipeline.dispatch_due()
+    [mailing_id] = dispatch.dispatch_due()
     skipped = Delivery.objects.get(mailing_id=mailing_id, email_normalized="gone@example.org")
     assert skipped.status == S.SKIPPED
     assert skipped.last_error.startswith("address suppressed: hard bounce")
     assert skipped.guardian_ids == [bounced.pk]
-    while pipeline.batch_send(mailing_id=mailing_id).claimed:
+    while batch.batch_send(mailing_id=mailing_id).claimed:
         pass
     assert [m.rcpt for m in smtp.accepted] == [fine.email]
     assert Delivery.objects.get(mailing_id=mailing_id, email_normalized=fine.email).status == S.SENT

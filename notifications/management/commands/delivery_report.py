@@ -6,7 +6,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from notifications import monitoring
+from notifications import selectors
 from notifications.models import Delivery, DeliveryStatus, Mailing
 
 
@@ -20,10 +20,10 @@ class Command(BaseCommand):
     def handle(self, *args: object, **opts: object) -> None:
         if opts["message"]:
             try:
-                obj = monitoring.message_lookup(str(opts["message"]))
-            except monitoring.UnknownMessage as exc:
+                obj = selectors.message_lookup(str(opts["message"]))
+            except selectors.UnknownMessage as exc:
                 raise CommandError(str(exc)) from None
-            mailings = monitoring.mailings_of(obj)
+            mailings = selectors.mailings_of(obj)
         else:
             mailings = Mailing.objects.all()
         mailings = mailings.select_related("school").order_by("pk")
@@ -35,11 +35,11 @@ class Command(BaseCommand):
                 "round": m.round,
                 "subject": m.subject,
                 "status": m.status,
-                "counts": monitoring.mailing_counts(mailing=m),
+                "counts": selectors.mailing_counts(mailing=m),
             }
             for m in mailings
         ]
-        totals = monitoring.delivery_status_counts(
+        totals = selectors.delivery_status_counts(
             deliveries=Delivery.objects.filter(mailing__in=mailings)
         )
         if opts["json"]:

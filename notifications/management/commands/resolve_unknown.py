@@ -11,7 +11,7 @@ import getpass
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from notifications import monitoring, pipeline
+from notifications import controls, selectors
 from notifications.models import Delivery, DeliveryStatus
 
 
@@ -39,11 +39,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: object, **opts: object) -> None:
         try:
-            obj = monitoring.message_lookup(str(opts["message"]))
-        except monitoring.UnknownMessage as exc:
+            obj = selectors.message_lookup(str(opts["message"]))
+        except selectors.UnknownMessage as exc:
             raise CommandError(str(exc)) from None
         unknown = Delivery.objects.filter(
-            mailing__in=monitoring.mailings_of(obj), status=DeliveryStatus.UNKNOWN
+            mailing__in=selectors.mailings_of(obj), status=DeliveryStatus.UNKNOWN
         )
         if opts["delivery"]:
             unknown = unknown.filter(pk__in=opts["delivery"])
@@ -53,7 +53,7 @@ class Command(BaseCommand):
             return
         actor = opts["actor"] or f"cli:{getpass.getuser()}"
         with transaction.atomic():
-            moved = pipeline.unknowns_resolve(
+            moved = controls.unknowns_resolve(
                 delivery_ids=ids, resolution=str(opts["resolution"]), actor=actor
             )
         self.stdout.write(f"Resolved {moved} unknown deliveries as {opts['resolution']}.")

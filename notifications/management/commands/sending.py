@@ -11,10 +11,10 @@ import json
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from notifications import monitoring, pipeline
+from notifications import controls, selectors
+from notifications.controls import message_pause, message_resume
 from notifications.models import Mailing
 from slips.models import School
-from slips.services import message_pause, message_resume
 
 
 class Command(BaseCommand):
@@ -39,21 +39,21 @@ class Command(BaseCommand):
             school = School.objects.filter(slug=opts["school"]).first()
             if school is None:
                 raise CommandError(f"No school with slug {opts['school']!r}.")
-            pipeline.sending_set_paused(paused=paused, actor=actor, school=school)
+            controls.sending_set_paused(paused=paused, actor=actor, school=school)
             self.stdout.write(f"Sending {action}d for school {school.slug}.")
         elif opts["message"]:
             self._message(str(opts["message"]), paused)
         else:
-            pipeline.sending_set_paused(paused=paused, actor=actor, reason=str(opts["reason"]))
+            controls.sending_set_paused(paused=paused, actor=actor, reason=str(opts["reason"]))
             self.stdout.write(f"Sending {action}d globally.")
 
     def _message(self, ref: str, paused: bool) -> None:
         try:
-            obj = monitoring.message_lookup(ref)
-        except monitoring.UnknownMessage as exc:
+            obj = selectors.message_lookup(ref)
+        except selectors.UnknownMessage as exc:
             raise CommandError(str(exc)) from None
         if isinstance(obj, Mailing) and obj.kind == Mailing.Kind.REMINDER:
-            if not pipeline.mailing_set_paused(mailing=obj, paused=paused):
+            if not controls.mailing_set_paused(mailing=obj, paused=paused):
                 raise CommandError(f"Mailing {obj.pk} is {obj.status}; nothing to change.")
         else:
             source = obj.source if isinstance(obj, Mailing) else obj
@@ -64,10 +64,10 @@ class Command(BaseCommand):
         self.stdout.write(f"Message {ref} {'paused' if paused else 'resumed'}.")
 
     def _status(self, *, as_json: bool) -> None:
-        status = monitoring.sending_status()
-        backlog = monitoring.backlog()
-        status["backlog"] = backlog.claimable
-        status["oldest_pending_seconds"] = backlog.oldest_pending_seconds
+        status = selectors.sending_status()
+        backlog = selectors.backlog()
+        status["backlog"] = backlog.deliveries
+        status["oldest_pending_seconds"] = backlog.oldest_due_seconds
         if as_json:
             self.stdout.write(json.dumps(status))
             return

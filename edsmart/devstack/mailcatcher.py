@@ -8,7 +8,11 @@ would receive (and click the parent's link) without a real mail account. Message
 Everything shown in the viewer came from outside (staff-written subjects and bodies, addresses),
 so it is escaped; an HTML part is only ever rendered inside a sandboxed iframe with no scripts.
 
-Run it alone with ``python -m edsmart.mailcatcher [--smtp-port 1025] [--http-port 8025]``.
+Run it alone with
+``python -m edsmart.devstack.mailcatcher [--smtp-port 1025] [--http-port 8025]``.
+
+One module a little over 400 lines on purpose: the SMTP side, the store and the viewer share
+one small data model, and the catcher is meant to be read and run as a single file.
 """
 
 from __future__ import annotations
@@ -395,7 +399,9 @@ class MailCatcher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edsmart.mailcatcher", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m edsmart.devstack.mailcatcher", description=__doc__
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--smtp-port", type=int, default=1025)
     parser.add_argument("--http-port", type=int, default=8025)

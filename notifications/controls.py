@@ -1,0 +1,247 @@
+"""What staff, ops and parents' answers do to sending: pause, resume, cancel, resolve.
+
+The doors (admin actions, management commands, the ops page) call these; none of them
+writes a status itself. Parents' answers reach ``reminders_cancel_answered`` through the
+``answers_recorded`` signal, inside the answer's own transaction: the domain announces, the
+sending side reacts, and the domain needs no import of the pipeline for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TypeVar
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Q
+from django.dispatch import receiver
+from django.utils import timezone
+
+from notifications import nudges, transitions
+from notifications.models import Delivery, DeliveryStatus, Mailing, SendingSwitch
+from slips.models import Broadcast, ReminderRound, Response, School, SendStatus, Slip
+from slips.responses import answers_recorded
+
+log = logging.getLogger("edsmart.pipeline")
+
+S = DeliveryStatus
+Message = TypeVar("Message", Slip, Broadcast)
+
+
+# --- a slip or broadcast as staff see it ---------------------------------------------------------
+
+
+def message_pause(*, message: Message) -> Message:
+    """scheduled/sending → paused. Workers stop before their next delivery of it."""
+    with transaction.atomic():
+        updated = (
+            type(message)
+            .objects.filter(pk=message.pk, status__in=[SendStatus.SCHEDULED, SendStatus.SENDING])
+            .update(status=SendStatus.PAUSED, updated_at=timezone.now())
+        )
+        if not updated:
+            raise ValidationError("Only a scheduled or sending message can be paused.")
+        mailings_pause(source=message)
+    message.refresh_from_db()
+    return message
+
+
+def message_resume(*, message: Message) -> Message:
+    """paused → sending (already fanned out) or scheduled (not yet due or not yet dispatched)."""
+    with transaction.atomic():
+        model = type(message)
+        updated = model.objects.filter(
+            pk=message.pk, status=SendStatus.PAUSED, dispatched_at__isnull=False
+        ).update(status=SendStatus.SENDING, updated_at=timezone.now())
+        if updated:
+            mailings_resume(source=message)
+        else:
+            updated = model.objects.filter(
+                pk=message.pk, status=SendStatus.PAUSED, dispatched_at__isnull=True
+            ).update(status=SendStatus.SCHEDULED, updated_at=timezone.now())
+        if not updated:
+            raise ValidationError("Only a paused message can be resumed.")
+    message.refresh_from_db()
+    return message
+
+
+def message_cancel(*, message: Message) -> Message:
+    """Stop for good. Deliveries not yet submitted are cancelled; sent ones stay sent."""
+    with transaction.atomic():
+        updated = (
+            type(message)
+            .objects.filter(
+                pk=message.pk,
+                status__in=[
+                    SendStatus.DRAFT,
+                    SendStatus.SCHEDULED,
+                    SendStatus.SENDING,
+                    SendStatus.PAUSED,
+                ],
+            )
+            .update(status=SendStatus.CANCELLED, updated_at=timezone.now())
+        )
+        if not updated:
+            raise ValidationError("This message has already finished or been cancelled.")
+        mailings_cancel(source=message)
+        if isinstance(message, Slip):
+            ReminderRound.objects.filter(
+                slip=message, status=ReminderRound.Status.SCHEDULED
+            ).update(status=ReminderRound.Status.CANCELLED)
+    message.refresh_from_db()
+    return message
+
+
+# --- the mailings behind them --------------------------------------------------------------
+
+
+def _source_filter(source: Slip | Broadcast) -> Q:
+    return Q(slip=source) if isinstance(source, Slip) else Q(broadcast=source)
+
+
+def mailings_pause(*, source: Slip | Broadcast) -> int:
+    return Mailing.objects.filter(_source_filter(source), status=Mailing.Status.SENDING).update(
+        status=Mailing.Status.PAUSED
+    )
+
+
+def mailings_resume(*, source: Slip | Broadcast) -> int:
+    ids = list(
+        Mailing.objects.filter(_source_filter(source), status=Mailing.Status.PAUSED).values_list(
+            "pk", flat=True
+        )
+    )
+    updated = Mailing.objects.filter(pk__in=ids, status=Mailing.Status.PAUSED).update(
+        status=Mailing.Status.SENDING
+    )
+    for mailing_id in ids:
+        transaction.on_commit(lambda m=mailing_id: nudges.enqueue_batches(m, None))
+    return updated
+
+
+def mailings_cancel(*, source: Slip | Broadcast, actor: str = "") -> int:
+    """Cancel what is not yet submitted. Rows already submitting finish and are recorded."""
+    ids = list(
+        Mailing.objects.filter(
+            _source_filter(source), status__in=[Mailing.Status.SENDING, Mailing.Status.PAUSED]
+        ).values_list("pk", flat=True)
+    )
+    Mailing.objects.filter(pk__in=ids).update(status=Mailing.Status.CANCELLED)
+    return transitions.deliveries_cancel(mailing_ids=ids, actor=actor)
+
+
+def reminders_cancel_answered(*, slip: Slip, student_ids: Iterable[int]) -> int:
+    """After an answer: cancel reminder deliveries whose every child has now been answered.
+
+    Called inside the transaction that records the answer, so the answer and the
+    cancellation commit together. A delivery already submitting is past stopping.
+    """
+    answered = set(Response.objects.filter(slip=slip).values_list("student_id", flat=True))
+    candidates = Delivery.objects.filter(
+        mailing__slip=slip,
+        mailing__kind=Mailing.Kind.REMINDER,
+        status__in=list(transitions.CANCELLABLE),
+    )
+    ids: list[int] = []
+    for sid in set(student_ids):
+        for pk, kids in candidates.filter(student_ids__contains=[sid]).values_list(
+            "pk", "student_ids"
+        ):
+            if set(kids) <= answered:
+                ids.append(pk)
+    return transitions.deliveries_cancel(
+        delivery_ids=ids, detail="answered before the reminder went out"
+    )
+
+
+@receiver(answers_recorded)
+def _cancel_reminders_on_answer(*, slip: Slip, student_ids: list[int], **_: object) -> None:
+    reminders_cancel_answered(slip=slip, student_ids=student_ids)
+
+
+def sending_set_paused(
+    *, paused: bool, actor: str, school: School | None = None, reason: str = ""
+) -> None:
+    """The global switch (school=None) or one school's. Resuming nudges the waiting work."""
+    with transaction.atomic():
+        if school is None:
+            SendingSwitch.objects.update_or_create(
+                pk=1, defaults={"paused": paused, "changed_by": actor, "reason": reason}
+            )
+        else:
+            School.objects.filter(pk=school.pk).update(sending_paused=paused)
+        log.warning(
+            "sending %s %s by %s",
+            "paused" if paused else "resumed",
+            f"for {school.slug}" if school else "globally",
+            actor,
+            extra={"school_id": school.pk if school else None, "reason": reason},
+        )
+        if not paused:
+            transaction.on_commit(lambda: nudges.nudge_stalled(force=True))
+
+
+def mailing_set_paused(*, mailing: Mailing, paused: bool) -> bool:
+    """Pause or resume one mailing (a reminder round, say) without touching its source."""
+    frm, to = (
+        (Mailing.Status.SENDING, Mailing.Status.PAUSED)
+        if paused
+        else (Mailing.Status.PAUSED, Mailing.Status.SENDING)
+    )
+    with transaction.atomic():
+        changed = Mailing.objects.filter(pk=mailing.pk, status=frm).update(status=to)
+        if changed and not paused:
+            transaction.on_commit(lambda: nudges.enqueue_batches(mailing.pk, None))
+    return bool(changed)
+
+
+class Resolution:
+    SENT = "sent"
+    FAILED = "failed"
+    RESEND = "resend"
+    CHOICES = (SENT, FAILED, RESEND)
+
+
+def unknowns_resolve(*, delivery_ids: Iterable[int], resolution: str, actor: str) -> int:
+    """A person decides what an ``unknown`` delivery was. Every decision is an event row.
+
+    ``resend`` returns it to ``pending`` (same Message-ID, so the copy is recognisable);
+    the caller has accepted the risk of a duplicate by choosing it.
+    """
+    if resolution not in Resolution.CHOICES:
+        raise ValueError(f"resolution must be one of {Resolution.CHOICES}, got {resolution!r}")
+    to = {
+        Resolution.SENT: S.SENT,
+        Resolution.FAILED: S.FAILED,
+        Resolution.RESEND: S.PENDING,
+    }[resolution]
+    sets = {
+        Resolution.SENT: "sent_at = statement_timestamp()",
+        Resolution.FAILED: "last_error = %(detail)s",
+        Resolution.RESEND: "next_attempt_at = NULL",
+    }[resolution]
+    detail = f"resolved by {actor}: {resolution}"
+    moved = 0
+    touched_mailings: set[int] = set()
+    for delivery_id, mailing_id in Delivery.objects.filter(
+        pk__in=list(delivery_ids), status=S.UNKNOWN
+    ).values_list("pk", "mailing_id"):
+        if transitions.delivery_move(
+            delivery_id=delivery_id,
+            attempt=None,
+            from_statuses=[S.UNKNOWN],
+            to=to,
+            detail=detail,
+            actor=actor,
+            sets=sets,
+        ):
+            moved += 1
+            touched_mailings.add(mailing_id)
+            transitions.log_transition(delivery_id, mailing_id, to, actor=actor)
+    if resolution == Resolution.RESEND:
+        # The mailing may already be completed; reopen it so the resend is sent and tracked.
+        transitions.mailings_reopen(mailing_ids=touched_mailings)
+        for mailing_id in touched_mailings:
+            transaction.on_commit(lambda m=mailing_id: nudges.enqueue_batches(m, 1))
+    return moved

@@ -1,0 +1,336 @@
+"""Every read of the send pipeline's state, each defined once.
+
+Staff pages, ``/metrics``, the ops page, the alerts and the commands all ask the same few
+questions: which deliveries are due, how large the backlog is and how long its oldest item
+has waited, how many deliveries are in each status, whether a mailing may send. When each of
+them wrote its own query the answers drifted apart (the metrics aged the backlog from
+``created_at`` and counted rows still backing off; the alert did neither), so the
+definitions live here, with the SQL twins the claim statement needs beside their ORM forms.
+
+Writes never happen here; ``transitions`` owns every change of a delivery's status.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from dataclasses import dataclass
+
+from django.core.exceptions import ObjectDoesNotExist
+from django.db import connection
+from django.db.models import Count, Exists, Min, OuterRef, Q, QuerySet
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from notifications.models import (
+    Delivery,
+    DeliveryEvent,
+    DeliveryStatus,
+    Mailing,
+    SendingSwitch,
+)
+from slips.models import Broadcast, School, Slip
+
+S = DeliveryStatus
+M = Mailing._meta.db_table
+SC = School._meta.db_table
+SW = SendingSwitch._meta.db_table
+
+# --- what may be claimed -----------------------------------------------------------------------
+
+# Rows a worker may claim now: waiting, and past any back-off.
+CLAIMABLE_STATUSES = (S.PENDING, S.RETRY_WAIT)
+CLAIMABLE_SQL = """
+    d.status IN ('pending', 'retry_wait')
+    AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= statement_timestamp())
+"""
+
+# Reminder rounds wait out the school's quiet hours, in the school's own time zone.
+QUIET_HOURS_SQL = """
+    CASE WHEN s.quiet_hours_start = s.quiet_hours_end THEN false
+         WHEN s.quiet_hours_start > s.quiet_hours_end THEN
+              (statement_timestamp() AT TIME ZONE s.time_zone)::time >= s.quiet_hours_start
+           OR (statement_timestamp() AT TIME ZONE s.time_zone)::time < s.quiet_hours_end
+         ELSE (statement_timestamp() AT TIME ZONE s.time_zone)::time >= s.quiet_hours_start
+          AND (statement_timestamp() AT TIME ZONE s.time_zone)::time < s.quiet_hours_end
+    END
+"""
+
+
+def allowed_sql(mailing_id_sql: str) -> str:
+    """The condition under which a mailing's deliveries may be claimed or started: the mailing
+    is sending, its school is not paused, the global switch is not off, and a reminder is
+    outside quiet hours. The claim and the start evaluate it inside their own UPDATE, so a
+    pause takes effect before the next delivery of a batch already in flight."""
+    return f"""
+    EXISTS (SELECT 1 FROM {M} m JOIN {SC} s ON s.id = m.school_id
+            WHERE m.id = {mailing_id_sql} AND m.status = 'sending' AND NOT s.sending_paused
+              AND (m.kind <> 'reminder' OR NOT ({QUIET_HOURS_SQL})))
+    AND NOT EXISTS (SELECT 1 FROM {SW} w WHERE w.paused)
+"""
+
+
+SENDING_ALLOWED_SQL = allowed_sql("d.mailing_id")
+
+
+def sending_allowed(*, mailing_id: int) -> bool:
+    """The claim condition for one mailing (pauses, cancellation, quiet hours), on its own."""
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT {allowed_sql('%(mailing_id)s')}", {"mailing_id": mailing_id})
+        return bool(cur.fetchone()[0])
+
+
+def in_quiet_hours(*, school: School, at: dt.datetime | None = None) -> bool:
+    """The Python twin of QUIET_HOURS_SQL, for pages and decisions outside a claim."""
+    local = (at or timezone.now()).astimezone(zoneinfo.ZoneInfo(school.time_zone)).time()
+    start, end = school.quiet_hours_start, school.quiet_hours_end
+    if start == end:
+        return False
+    if start > end:
+        return local >= start or local < end
+    return start <= local < end
+
+
+def claimable_q(*, now: dt.datetime | None = None) -> Q:
+    """The ORM twin of CLAIMABLE_SQL."""
+    now = now or timezone.now()
+    return Q(status__in=CLAIMABLE_STATUSES) & (
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
+    )
+
+
+def mailings_with_claimable_work() -> list[int]:
+    """Sending mailings of unpaused schools with rows a batch could claim now."""
+    due = Delivery.objects.filter(claimable_q(), mailing=OuterRef("pk"))
+    return list(
+        Mailing.objects.filter(status=Mailing.Status.SENDING, school__sending_paused=False)
+        .filter(Exists(due))
+        .values_list("pk", flat=True)
+    )
+
+
+# --- backlog -------------------------------------------------------------------------------------
+
+# The backlog: rows of sending mailings that are due and not yet started. A claimed row is
+# still backlog (its send has not begun); a ``retry_wait`` row waiting out its back-off is
+# not (it is not late), and a due row's wait counts from when it became due. Paused mailings
+# are left out (staff paused them on purpose); a paused *school* is not: its parents are
+# still not being told.
+BACKLOG_STATUSES = (S.PENDING, S.RETRY_WAIT, S.CLAIMED)
+
+
+def backlog_q(*, now: dt.datetime | None = None) -> Q:
+    now = now or timezone.now()
+    return Q(status__in=BACKLOG_STATUSES, mailing__status=Mailing.Status.SENDING) & (
+        Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now)
+    )
+
+
+# When a backlog row became due: its back-off's end, or its creation.
+DUE_SINCE = Coalesce("next_attempt_at", "created_at")
+
+
+@dataclass(frozen=True)
+class Backlog:
+    deliveries: int
+    oldest_due_seconds: float | None
+
+
+def backlog() -> Backlog:
+    """The whole backlog and the wait of its oldest item (``None`` when there is none)."""
+    now = timezone.now()
+    agg = Delivery.objects.filter(backlog_q(now=now)).aggregate(
+        n=Count("id"), oldest=Min(DUE_SINCE)
+    )
+    oldest = agg["oldest"]
+    return Backlog(
+        deliveries=agg["n"],
+        oldest_due_seconds=(now - oldest).total_seconds() if oldest else None,
+    )
+
+
+@dataclass(frozen=True)
+class SchoolStats:
+    school_id: int
+    backlog: int = 0
+    oldest_due_seconds: float | None = None
+    unknown: int = 0
+    failed_recent: int = 0
+
+
+def school_stats(*, failed_since: dt.datetime | None = None) -> dict[int, SchoolStats]:
+    """Per school: backlog and its oldest wait (as ``backlog``), unknowns, recent failures."""
+    now = timezone.now()
+    failed_since = failed_since or now - dt.timedelta(days=7)
+    due = backlog_q(now=now)
+    failed = Q(status=S.FAILED, updated_at__gte=failed_since)
+    rows = (
+        Delivery.objects.filter(due | Q(status=S.UNKNOWN) | failed)
+        .order_by()
+        .values("school_id")
+        .annotate(
+            backlog=Count("id", filter=due),
+            oldest=Min(DUE_SINCE, filter=due),
+            unknown=Count("id", filter=Q(status=S.UNKNOWN)),
+            failed_recent=Count("id", filter=failed),
+        )
+    )
+    return {
+        row["school_id"]: SchoolStats(
+            school_id=row["school_id"],
+            backlog=row["backlog"],
+            oldest_due_seconds=(now - row["oldest"]).total_seconds() if row["oldest"] else None,
+            unknown=row["unknown"],
+            failed_recent=row["failed_recent"],
+        )
+        for row in rows
+    }
+
+
+# --- outcomes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailureRate:
+    failed: int
+    sent: int
+
+    @property
+    def rate(self) -> float:
+        total = self.failed + self.sent
+        return self.failed / total if total else 0.0
+
+
+def failure_rate(*, since: dt.datetime) -> FailureRate:
+    """Outcomes recorded by the pipeline since then (fan-out rejects of bad addresses and
+    suppressed addresses are not sends, so they have no events and do not count)."""
+    counts = dict(
+        DeliveryEvent.objects.filter(at__gte=since, to_status__in=[S.FAILED, S.SENT])
+        .order_by()
+        .values_list("to_status")
+        .annotate(n=Count("id"))
+    )
+    return FailureRate(failed=counts.get(S.FAILED, 0), sent=counts.get(S.SENT, 0))
+
+
+def accepted_sends() -> int:
+    """Accepted sends ever recorded (events into ``sent``)."""
+    return DeliveryEvent.objects.filter(to_status=S.SENT).count()
+
+
+def duplicate_sends() -> list[dict]:
+    """(mailing, address) pairs with more than one accepted send. Must always be empty.
+
+    A pair is one delivery row (the fan-out's unique constraint allows no second row for a
+    pair), so a duplicate shows as one delivery with more than one event into ``sent``.
+    """
+    rows = (
+        DeliveryEvent.objects.filter(to_status=S.SENT)
+        .values("delivery_id", "delivery__mailing_id", "delivery__email_normalized")
+        .annotate(n=Count("id"))
+        .filter(n__gt=1)
+    )
+    return [
+        {
+            "mailing_id": row["delivery__mailing_id"],
+            "email": row["delivery__email_normalized"],
+            "accepted": row["n"],
+        }
+        for row in rows
+    ]
+
+
+# --- status counts -------------------------------------------------------------------------------
+
+
+def delivery_status_counts(*, deliveries: QuerySet[Delivery] | None = None) -> dict[str, int]:
+    """Every status with its count (zeros included, so reports have a stable shape)."""
+    qs = deliveries if deliveries is not None else Delivery.objects.all()
+    found = dict(qs.order_by().values_list("status").annotate(n=Count("id")))
+    return {status: found.get(status, 0) for status in DeliveryStatus.values}
+
+
+def mailing_counts(*, mailing: Mailing) -> dict[str, int]:
+    return delivery_status_counts(deliveries=Delivery.objects.filter(mailing=mailing))
+
+
+def deliveries_of(source: Slip | Broadcast) -> QuerySet[Delivery]:
+    """Every delivery of a slip (its reminders included) or a broadcast."""
+    key = "mailing__slip" if isinstance(source, Slip) else "mailing__broadcast"
+    return Delivery.objects.filter(**{key: source}, school_id=source.school_id)
+
+
+def source_counts(source: Slip | Broadcast) -> dict[str, int]:
+    return delivery_status_counts(deliveries=deliveries_of(source))
+
+
+@dataclass(frozen=True)
+class BroadcastReach:
+    sent: int
+    failed: int
+    unknown: int
+    opened: int
+
+
+def broadcast_reach(*, broadcast: Broadcast) -> BroadcastReach:
+    """Sent, failed and unknown deliveries of a broadcast, and how many were opened online.
+
+    ``opened`` counts deliveries whose link was first followed (``opened_at``), so one
+    recipient counts once however often they open it; mail scanners that prefetch links
+    make it an upper bound.
+    """
+    deliveries = deliveries_of(broadcast)
+    counts = source_counts(broadcast)
+    return BroadcastReach(
+        sent=counts[S.SENT],
+        failed=counts[S.FAILED],
+        unknown=counts[S.UNKNOWN],
+        opened=deliveries.filter(opened_at__isnull=False).count(),
+    )
+
+
+# --- switches and messages -----------------------------------------------------------------------
+
+
+def sending_status() -> dict:
+    switch = SendingSwitch.objects.filter(pk=1).first()
+    return {
+        "global_paused": bool(switch and switch.paused),
+        "global_reason": switch.reason if switch else "",
+        "schools_paused": list(
+            School.objects.filter(sending_paused=True).values_list("slug", flat=True)
+        ),
+        "mailings_sending": Mailing.objects.filter(status=Mailing.Status.SENDING).count(),
+        "mailings_paused": Mailing.objects.filter(status=Mailing.Status.PAUSED).count(),
+    }
+
+
+class UnknownMessage(LookupError):
+    pass
+
+
+def message_lookup(ref: str) -> Mailing | Slip | Broadcast:
+    """Resolve an ops-facing message reference.
+
+    ``42`` is mailing 42 (what ``delivery_report`` lists); ``slip:7`` and ``broadcast:7`` name
+    the staff-facing object, which is what ``compose`` prints.
+    """
+    kind, _, raw_id = ref.rpartition(":")
+    try:
+        pk = int(raw_id)
+    except ValueError:
+        raise UnknownMessage(f"{ref!r} is not a message id (42, slip:7 or broadcast:7)") from None
+    model = {"": Mailing, "mailing": Mailing, "slip": Slip, "broadcast": Broadcast}.get(kind)
+    if model is None:
+        raise UnknownMessage(f"{kind!r} is not a message kind (slip, broadcast or mailing)")
+    try:
+        return model.objects.select_related("school").get(pk=pk)
+    except ObjectDoesNotExist:
+        raise UnknownMessage(f"no {model._meta.verbose_name} with id {pk}") from None
+
+
+def mailings_of(obj: Mailing | Slip | Broadcast) -> QuerySet[Mailing]:
+    if isinstance(obj, Mailing):
+        return Mailing.objects.filter(pk=obj.pk)
+    key = "slip" if isinstance(obj, Slip) else "broadcast"
+    return Mailing.objects.filter(**{key: obj})

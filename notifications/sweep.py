@@ -1,0 +1,140 @@
+"""Repair what crashes, restarts and lost messages leave behind, and finish what is done.
+
+Runs every few seconds from beat and is safe to run twice at once: every repair is a fenced
+move in ``transitions`` or a conditional UPDATE of a mailing. It is what makes Redis and
+Celery mere carriers: a lost nudge, a killed worker or a flushed queue leaves rows that the
+next sweep finds in the database and puts back in motion.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Exists, OuterRef
+from django.utils import timezone
+
+from notifications import nudges, transitions
+from notifications.models import TERMINAL_STATUSES, Delivery, DeliveryStatus, Mailing
+from slips.models import Broadcast, ReminderRound, SendStatus, Slip
+
+log = logging.getLogger("edsmart.pipeline")
+
+S = DeliveryStatus
+
+
+@dataclass
+class SweepReport:
+    claims_expired: int = 0
+    submits_expired: int = 0
+    auto_resent: int = 0
+    orphans_cancelled: int = 0
+    reopened: int = 0
+    nudged: int = 0
+    completed: int = 0
+
+
+def sweep() -> SweepReport:
+    """Repair whatever crashes, restarts and lost messages left behind. Safe to run twice."""
+    report = SweepReport()
+    expired_claims = transitions.deliveries_expire(
+        from_status=S.CLAIMED, to=S.PENDING, detail="claim lease expired before the send started"
+    )
+    report.claims_expired = len(expired_claims)
+    for delivery_id, mailing_id in expired_claims:
+        transitions.log_transition(delivery_id, mailing_id, S.PENDING, reason="claim lease expired")
+    expired_submits = transitions.deliveries_expire(
+        from_status=S.SUBMITTING,
+        to=S.UNKNOWN,
+        detail="worker vanished while submitting; the mail server may have accepted it",
+    )
+    report.submits_expired = len(expired_submits)
+    for delivery_id, mailing_id in expired_submits:
+        log.error(
+            "delivery %s outcome unknown after lease expiry",
+            delivery_id,
+            extra={"delivery_id": delivery_id, "mailing_id": mailing_id, "status": S.UNKNOWN},
+        )
+    report.auto_resent = unknowns_auto_resend()
+    report.orphans_cancelled = deliveries_cancel_orphaned()
+    report.reopened = transitions.mailings_reopen()
+    report.nudged = nudges.nudge_stalled()
+    report.completed = mailings_complete()
+    return report
+
+
+def deliveries_cancel_orphaned() -> int:
+    """Open rows of cancelled mailings, which nothing will ever claim.
+
+    A cancel skips rows already submitting; such a row can still come back with a 4xx
+    (retry_wait), an unknown can get a late 4xx, or a person can choose to resend one.
+    """
+    open_rows = Delivery.objects.filter(
+        mailing=OuterRef("pk"), status__in=list(transitions.CANCELLABLE)
+    )
+    ids = list(
+        Mailing.objects.filter(status=Mailing.Status.CANCELLED)
+        .filter(Exists(open_rows))
+        .values_list("pk", flat=True)
+    )
+    return transitions.deliveries_cancel(
+        mailing_ids=ids, actor="sweep", detail="message cancelled while this delivery was in flight"
+    )
+
+
+def unknowns_auto_resend() -> int:
+    """Under the ``resend`` policy, requeue unknowns that an idempotent backend will dedupe."""
+    if settings.EDSMART_UNKNOWN_POLICY != "resend":
+        return 0
+    if settings.EMAIL_BACKEND not in settings.EDSMART_IDEMPOTENT_BACKENDS:
+        return 0
+    window_start = timezone.now() - timezone.timedelta(
+        seconds=settings.EDSMART_IDEMPOTENCY_WINDOW_SECONDS
+    )
+    ids = Delivery.objects.filter(status=S.UNKNOWN, submitted_at__gte=window_start).values_list(
+        "pk", "attempt"
+    )
+    moved = 0
+    for delivery_id, attempt in ids:
+        moved += transitions.delivery_move(
+            delivery_id=delivery_id,
+            attempt=attempt,
+            from_statuses=[S.UNKNOWN],
+            to=S.PENDING,
+            detail="automatic resend: the backend honours the idempotency key",
+            actor="policy",
+        )
+    return moved
+
+
+def mailings_complete() -> int:
+    """sending -> completed once no delivery can change any more; the source becomes sent."""
+    open_rows = Delivery.objects.filter(mailing=OuterRef("pk")).exclude(
+        status__in=list(TERMINAL_STATUSES)
+    )
+    done = 0
+    candidates = Mailing.objects.filter(status=Mailing.Status.SENDING).filter(~Exists(open_rows))
+    for mailing in candidates.only("pk", "slip_id", "broadcast_id", "round"):
+        with transaction.atomic():
+            won = (
+                Mailing.objects.filter(pk=mailing.pk, status=Mailing.Status.SENDING)
+                .filter(~Exists(open_rows))
+                .update(status=Mailing.Status.COMPLETED, completed_at=timezone.now())
+            )
+            if not won:
+                continue
+            done += 1
+            if mailing.round == 0:
+                model = Slip if mailing.slip_id else Broadcast
+                model.objects.filter(
+                    pk=mailing.slip_id or mailing.broadcast_id, status=SendStatus.SENDING
+                ).update(status=SendStatus.SENT, completed_at=timezone.now())
+            else:
+                ReminderRound.objects.filter(
+                    slip_id=mailing.slip_id,
+                    number=mailing.round,
+                    status=ReminderRound.Status.SENDING,
+                ).update(status=ReminderRound.Status.SENT)
+    return done
