@@ -6,6 +6,7 @@ instead of being silently replaced by a default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from edsmart.env import (
@@ -136,21 +137,33 @@ EDSMART_BATCH_PARALLELISM = env_int("EDSMART_BATCH_PARALLELISM", default=4, mini
 EDSMART_MAX_ATTEMPTS = env_int("EDSMART_MAX_ATTEMPTS", default=5, minimum=1)
 EDSMART_RETRY_BASE_SECONDS = env_float("EDSMART_RETRY_BASE_SECONDS", default=60.0, minimum=0)
 EDSMART_RETRY_MAX_SECONDS = env_float("EDSMART_RETRY_MAX_SECONDS", default=3600.0, minimum=0)
-# A claim covers the whole batch; a submitting lease covers one SMTP exchange.
-EDSMART_CLAIM_LEASE_SECONDS = env_float("EDSMART_CLAIM_LEASE_SECONDS", default=120.0, minimum=1)
+# A claim lease is short and renewed every third of it while its batch is alive, so a killed
+# worker's claims come back within a lease and a sweep; a submitting lease covers one SMTP
+# exchange. A batch stops taking new emails after EDSMART_BATCH_SECONDS (the task's soft time
+# limit must leave room for the email in flight).
+EDSMART_CLAIM_LEASE_SECONDS = env_float("EDSMART_CLAIM_LEASE_SECONDS", default=8.0, minimum=1)
 EDSMART_SUBMIT_LEASE_SECONDS = env_float(
     "EDSMART_SUBMIT_LEASE_SECONDS", default=EMAIL_TIMEOUT * 3 + 30, minimum=1
 )
-# What happens to an ``unknown`` outcome: "hold" for a person, or "resend" when the backend is
-# listed in EDSMART_IDEMPOTENT_BACKENDS and the idempotency window has not passed.
+EDSMART_BATCH_SECONDS = env_float("EDSMART_BATCH_SECONDS", default=90.0, minimum=1)
+# A claim whose worker vanished is given back; after this many, the delivery fails with the
+# reason rather than cycling forever (an email that kills its worker, say).
+EDSMART_MAX_LOST_CLAIMS = env_int("EDSMART_MAX_LOST_CLAIMS", default=10, minimum=1)
+# An ``unknown`` outcome is held for a person. Automatic resending was removed: no backend here
+# sends an idempotency key a provider honours, so a resend could only be a duplicate.
 EDSMART_UNKNOWN_POLICY = env_str("EDSMART_UNKNOWN_POLICY", default="hold")
-if EDSMART_UNKNOWN_POLICY not in {"hold", "resend"}:
-    raise ConfigError("EDSMART_UNKNOWN_POLICY must be 'hold' or 'resend'")
-EDSMART_IDEMPOTENT_BACKENDS = env_list("EDSMART_IDEMPOTENT_BACKENDS", default=[])
-EDSMART_IDEMPOTENCY_WINDOW_SECONDS = env_float(
-    "EDSMART_IDEMPOTENCY_WINDOW_SECONDS", default=24 * 3600.0, minimum=0
-)
-EDSMART_SWEEP_STALE_SECONDS = env_float("EDSMART_SWEEP_STALE_SECONDS", default=30.0, minimum=1)
+if EDSMART_UNKNOWN_POLICY != "hold":
+    raise ConfigError(
+        "EDSMART_UNKNOWN_POLICY must be 'hold': automatic resending of unknown outcomes was "
+        "removed because no backend sends an idempotency key its provider honours"
+    )
+for _removed in ("EDSMART_IDEMPOTENT_BACKENDS", "EDSMART_IDEMPOTENCY_WINDOW_SECONDS"):
+    if os.environ.get(_removed):
+        raise ConfigError(
+            f"{_removed} was removed with the automatic resend policy (no backend sends an "
+            "idempotency key its provider honours); unset it"
+        )
+EDSMART_SWEEP_STALE_SECONDS = env_float("EDSMART_SWEEP_STALE_SECONDS", default=15.0, minimum=1)
 # Parents' links stop working this many days after the slip's due date (or the broadcast).
 EDSMART_LINK_EXPIRY_DAYS = env_int("EDSMART_LINK_EXPIRY_DAYS", default=60, minimum=1)
 # Emails of one mailing are filled in from a stencil rendered once (notifications/stencil.py);
@@ -167,6 +180,13 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", default=240, minimum=1)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", default=300, minimum=1)
+if EDSMART_BATCH_SECONDS + EDSMART_SUBMIT_LEASE_SECONDS >= CELERY_TASK_SOFT_TIME_LIMIT:
+    raise ConfigError(
+        "EDSMART_BATCH_SECONDS plus EDSMART_SUBMIT_LEASE_SECONDS must stay below "
+        "CELERY_TASK_SOFT_TIME_LIMIT: a batch must end before its task is told to stop"
+    )
+# (A batch may also spend up to two minutes recording a reply while the database is away;
+# past the soft time limit that reply is left as ``unknown``, never lost or resent.)
 CELERY_VISIBILITY_TIMEOUT = env_int("CELERY_VISIBILITY_TIMEOUT", default=3600, minimum=60)
 if CELERY_TASK_TIME_LIMIT * 2 > CELERY_VISIBILITY_TIMEOUT:
     raise ConfigError("CELERY_TASK_TIME_LIMIT must stay far below CELERY_VISIBILITY_TIMEOUT")
@@ -184,7 +204,7 @@ CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", default=1000, minimum=0)
 CELERY_TIMEZONE = "UTC"
 EDSMART_DISPATCH_INTERVAL_SECONDS = env_float("EDSMART_DISPATCH_INTERVAL_SECONDS", 2.0, minimum=0.1)
-EDSMART_SWEEP_INTERVAL_SECONDS = env_float("EDSMART_SWEEP_INTERVAL_SECONDS", 10.0, minimum=0.1)
+EDSMART_SWEEP_INTERVAL_SECONDS = env_float("EDSMART_SWEEP_INTERVAL_SECONDS", 5.0, minimum=0.1)
 # django-celery-beat's DatabaseScheduler copies these into its tables at start-up.
 CELERY_BEAT_SCHEDULE = {
     "dispatch-due": {

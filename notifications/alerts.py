@@ -8,6 +8,9 @@ Conditions (each an ``Alert.key``):
 - ``beat_silent``           beat's heartbeat is older than a threshold (or missing)
 - ``workers_silent``        no worker has shown life recently
 - ``duplicate:<mailing>:<address hash>``  a (message, address) pair was accepted twice
+- ``credentials_refused``   sending is paused because the provider refused our credentials
+- ``database_down``         the watch could not reach the database (told by email and Sentry
+                            directly, once per outage, since no alert row can be written)
 
 Raising is ``INSERT ... ON CONFLICT DO NOTHING`` against the partial unique index "one open
 alert per key": two watches at once both see the condition, one inserts, one finds it open,
@@ -27,14 +30,16 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 
+import redis
 import sentry_sdk
 from django.conf import settings
 from django.core.mail import get_connection, send_mail
-from django.db import connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
+from edsmart.redis_client import redis_client
 from notifications import controls, heartbeats, selectors
-from notifications.models import Alert, DeliveryStatus, Mailing
+from notifications.models import Alert, DeliveryStatus, Mailing, SendingSwitch
 from slips.models import School
 
 log = logging.getLogger("edsmart.alerts")
@@ -165,6 +170,19 @@ def conditions_now() -> list[Condition]:
             )
         )
 
+    switch = SendingSwitch.objects.filter(pk=1).first()
+    if switch is not None and switch.paused and switch.changed_by == controls.CREDENTIALS_ACTOR:
+        found.append(
+            Condition(
+                key="credentials_refused",
+                kind="credentials_refused",
+                severity=Alert.Severity.CRITICAL,
+                message="sending is paused everywhere: the mail provider refused our "
+                f"credentials ({switch.reason}). Fix the SMTP password or API key, then "
+                "resume (manage.py sending resume); no recipient was failed for it",
+            )
+        )
+
     found += _duplicate_conditions()
     return found
 
@@ -243,10 +261,54 @@ class WatchReport:
         return self.__dict__.copy()
 
 
+DATABASE_DOWN_KEY = "edsmart:alert:database-down"
+
+
 def watch() -> WatchReport:
-    """One pass: evaluate, raise new alerts (tripping the breaker), refresh, clear, notify."""
+    """One pass: evaluate, raise new alerts (tripping the breaker), refresh, clear, notify.
+
+    With the database away no alert row can be written, so ops are told directly (email and
+    Sentry), once per outage: Redis remembers that they were.
+    """
+    try:
+        found = conditions_now()
+    except (OperationalError, InterfaceError) as exc:
+        _database_down(exc)
+        raise
+    _database_back()
+    return _watch(found)
+
+
+def _database_down(exc: BaseException) -> None:
+    message = f"the database is unreachable: sending waits until it is back ({exc!r})"[:300]
+    log.critical(message, extra={"alert_key": "database_down"})
+    try:
+        first = redis_client().set(DATABASE_DOWN_KEY, 1, nx=True, ex=3600)
+    except redis.RedisError:
+        first = True  # better told twice than not at all
+    if not first:
+        return
+    alert = Alert(
+        key="database_down",
+        kind="database_down",
+        severity=Alert.Severity.CRITICAL,
+        message=message,
+        raised_at=timezone.now(),
+    )
+    _to_sentry(alert, {})
+    _by_email(alert)
+
+
+def _database_back() -> None:
+    try:
+        if redis_client().delete(DATABASE_DOWN_KEY):
+            log.warning("the database is reachable again", extra={"alert_key": "database_down"})
+    except redis.RedisError:
+        log.warning("could not clear the database-down marker in Redis", exc_info=True)
+
+
+def _watch(found: list[Condition]) -> WatchReport:
     report = WatchReport()
-    found = conditions_now()
     for cond in found:
         with transaction.atomic():
             new_id = _alert_insert(cond)

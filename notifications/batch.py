@@ -1,26 +1,31 @@
 """Claim a batch of deliveries, send each email, record each outcome: the send loop.
 
 The order of every email, which is what makes a crash safe at any point:
-1. claim (committed): the row is ours, fenced by its new ``attempt``;
-2. start (committed, together with the previous email's outcome): ``submitting`` is durable
+1. claim (committed): the row is ours, fenced by its new ``attempt``, on a short lease that a
+   thread of the batch renews while the batch lives;
+2. compose: an email that cannot be built fails its own delivery, nothing else;
+3. start (committed, together with the previous email's outcome): ``submitting`` is durable
    before any byte reaches the mail server, so a crash from here on is an ``unknown``,
    never a silent resend;
-3. send over the batch's one connection, outside any transaction;
-4. record the reply (in the next email's statement, or alone at the end).
+4. send over the batch's one connection, outside any transaction;
+5. record the reply (in the next email's statement, or alone at the end), retried for a while
+   if the database is briefly away, since the reply is known only here.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.mail import get_connection
 from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
-from django.db import connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
-from notifications import log_context, nudges, selectors, transitions
+from notifications import controls, log_context, nudges, selectors, transitions
 from notifications.compose import Composer
 from notifications.mailer import Outcome, SendResult, send_one
 from notifications.models import DeliveryStatus
@@ -29,6 +34,8 @@ from notifications.transitions import Claimed
 log = logging.getLogger("edsmart.pipeline")
 
 S = DeliveryStatus
+# The database went away: nothing to do for the rows but let their leases lapse.
+DATABASE_DOWN = (OperationalError, InterfaceError)
 
 
 class CommitBeforeSendError(RuntimeError):
@@ -47,13 +54,51 @@ class BatchReport:
     stopped: str = ""
 
 
+class _LeaseKeeper:
+    """Renews the batch's claims every third of a lease, from a thread of its own.
+
+    A claim lease is short so that a killed worker's rows come back in seconds; the thread
+    keeps a live batch's rows its own while one slow send blocks the loop. It uses its own
+    database connection (Django's are per thread) and closes it when the batch ends.
+    """
+
+    def __init__(self, claims: list[Claimed], mailing_id: int | None) -> None:
+        self._claims = claims
+        self._mailing_id = mailing_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edsmart-lease", daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        interval = settings.EDSMART_CLAIM_LEASE_SECONDS / 3
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    transitions.claims_renew(claims=self._claims)
+                except DatabaseError:
+                    log.warning("could not renew the batch's claim leases", exc_info=True)
+                    connection.close()
+                if self._mailing_id is not None:
+                    nudges.mark_alive(self._mailing_id)
+        finally:
+            connection.close()
+
+
 def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> BatchReport:
     """Claim a batch and send it over one reused connection, recording each outcome at once.
 
-    Stops before its next delivery when sending is paused, the claim lease is about to run
-    out, or the task's soft time limit fires; claims it did not use go back to ``pending``.
-    Refuses to run inside a transaction: each start must be committed before its email goes
-    out, and inside an ``atomic`` block nothing commits until the caller's block ends.
+    Stops before its next delivery when sending is paused, its time (EDSMART_BATCH_SECONDS)
+    is used up, the provider refuses our credentials, or the task's soft time limit fires;
+    claims it did not use go back to ``pending``. Refuses to run inside a transaction: each
+    start must be committed before its email goes out, and inside an ``atomic`` block nothing
+    commits until the caller's block ends.
     """
     if connection.in_atomic_block:
         raise CommitBeforeSendError(
@@ -68,8 +113,16 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
     report.claimed = len(claims)
     if not claims:
         return report
-    # Leave a margin so a delivery is never started on a claim that may expire mid-send.
-    deadline = time.monotonic() + settings.EDSMART_CLAIM_LEASE_SECONDS * 0.8
+    with _LeaseKeeper(claims, mailing_id):
+        _send_claims(claims, report)
+    if report.claimed == limit and not report.stopped:
+        # A full batch suggests more work: chain the next one rather than waiting for a sweep.
+        nudges.enqueue_batches(mailing_id, 1)
+    return report
+
+
+def _send_claims(claims: list[Claimed], report: BatchReport) -> None:
+    deadline = time.monotonic() + settings.EDSMART_BATCH_SECONDS
     composer = Composer(claims)
     backend = get_connection(fail_silently=False)
     raw_ok = isinstance(backend, SMTPBackend)
@@ -80,27 +133,47 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
         while pending:
             claimed = pending[0]
             if time.monotonic() > deadline:
-                report.stopped = "claim lease budget used up"
+                report.stopped = "batch time used up"
                 break
-            email = composer.email_for(claimed, raw_ok=raw_ok)
+            try:
+                email = composer.email_for(claimed, raw_ok=raw_ok)
+            except SoftTimeLimitExceeded:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a poison email fails alone, at once
+                unrecorded = _flush(report, unrecorded)
+                if transitions.claim_unbuildable(claimed=claimed, detail=f"{exc!r}"[:1000]):
+                    report.failed += 1
+                pending.pop(0)
+                continue
             # One statement per email: the previous outcome and this start commit together,
             # both durable before this email goes out (a commit costs an fsync).
-            if unrecorded is None:
-                started = transitions.delivery_start(claimed=claimed)
-            else:
-                status, started = transitions.delivery_record_and_start(
-                    done=unrecorded, claimed=claimed
-                )
-                _count(report, status)
-            unrecorded = None
-            if not started:
-                if not selectors.sending_allowed(mailing_id=claimed.mailing_id):
-                    report.stopped = "paused or cancelled"
-                    break
-                report.lost += 1
+            try:
+                if unrecorded is None:
+                    started = transitions.delivery_start(claimed=claimed)
+                else:
+                    status, started = transitions.delivery_record_and_start(
+                        done=unrecorded, claimed=claimed
+                    )
+                    unrecorded = None
+                    _count(report, status)
+            except (SoftTimeLimitExceeded, *DATABASE_DOWN):
+                raise
+            except Exception as exc:
+                # Nothing was sent. Counted as a try with back-off, so an error that recurs
+                # ends in ``failed`` with its reason instead of cycling claim -> release.
+                log.exception("error before sending delivery %s", claimed.id)
+                unrecorded = _flush(report, unrecorded)
+                _count(report, transitions.claim_setback(claimed=claimed, detail=f"{exc!r}"))
                 pending.pop(0)
                 continue
             pending.pop(0)
+            if not started:
+                if not selectors.sending_allowed(mailing_id=claimed.mailing_id):
+                    report.stopped = "paused or cancelled"
+                    pending.insert(0, claimed)  # still ours if the fence held: give it back
+                    break
+                report.lost += 1
+                continue
             with log_context.ids(
                 school_id=composer.school_id(claimed),
                 mailing_id=claimed.mailing_id,
@@ -112,6 +185,11 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
                 interrupted = result.interrupted_by
                 report.stopped = f"interrupted: {interrupted!r}"
                 break
+            if result.credentials_refused:
+                report.stopped = "credentials refused"
+                unrecorded = _flush(report, unrecorded)
+                controls.sending_pause_for_credentials(detail=result.detail)
+                break
             if result.connection_lost and result.outcome is Outcome.RETRY:
                 # The server is unreachable: the rest of the batch would fail the same way.
                 report.stopped = "mail server unreachable"
@@ -121,19 +199,60 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
                 pending = []
                 break
     finally:
-        if unrecorded is not None:
-            _count(report, transitions.delivery_record(claimed=unrecorded[0], result=unrecorded[1]))
-        report.released += transitions.claims_release(claims=pending)
+        _finish(report, pending, unrecorded)
         try:
             backend.close()
         except Exception:
             log.debug("closing the mail connection failed", exc_info=True)
     if interrupted is not None:
         raise interrupted
-    if report.claimed == limit and not report.stopped:
-        # A full batch suggests more work: chain the next one rather than waiting for a sweep.
-        nudges.enqueue_batches(mailing_id, 1)
-    return report
+
+
+def _flush(report: BatchReport, unrecorded: tuple[Claimed, SendResult] | None) -> None:
+    """Record a held outcome on its own (when no start follows to carry it)."""
+    if unrecorded is not None:
+        _count(report, _record_durably(*unrecorded))
+
+
+def _finish(
+    report: BatchReport, pending: list[Claimed], unrecorded: tuple[Claimed, SendResult] | None
+) -> None:
+    """Record the last outcome and give the unused claims back. With the database away this
+    can only log: the leases lapse and the sweeper takes over."""
+    try:
+        _flush(report, unrecorded)
+        report.released += transitions.claims_release(claims=pending)
+    except DATABASE_DOWN:
+        log.error("database unreachable at the end of a batch", exc_info=True)
+
+
+# How long a batch keeps trying to record a reply while the database is away: an outage of
+# a minute (a failover, a restart) is covered, and the batch still ends before its task's
+# soft time limit (EDSMART_BATCH_SECONDS of sending plus this).
+RECORD_RETRY_SECONDS = 120.0
+
+
+def _record_durably(claimed: Claimed, result: SendResult) -> str | None:
+    """Record an outcome, retrying while the database is away (a restart, a failover): the
+    reply is known only here. If the sweeper meanwhile turned the row ``unknown`` (its submit
+    lease ran out), the late definite reply of the same attempt still settles it; only if
+    this too gives up does the row stay ``unknown`` for a person."""
+    deadline = time.monotonic() + RECORD_RETRY_SECONDS
+    delay = 0.2
+    while True:
+        try:
+            return transitions.delivery_record(claimed=claimed, result=result)
+        except DATABASE_DOWN:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "database unreachable while recording delivery %s; retrying",
+                claimed.id,
+                extra={"delivery_id": claimed.id, "mailing_id": claimed.mailing_id},
+            )
+            connection.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _count(report: BatchReport, status: str | None) -> None:

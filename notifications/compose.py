@@ -76,10 +76,18 @@ class Composer:
         )
 
     def email_for(self, delivery: Recipient, *, raw_ok: bool) -> EmailMultiAlternatives | RawEmail:
-        """The email to send. ``raw_ok``: the backend can send serialized bytes (SMTP)."""
+        """The email to send. ``raw_ok``: the backend can send serialized bytes (SMTP).
+
+        Raises whatever stops the email being built; the batch then fails this delivery
+        alone, with the reason.
+        """
         inputs = self.inputs(delivery)
         if raw_ok and settings.EDSMART_EMAIL_STENCILS:
             raw = STENCILS.email_for(inputs)
             if raw is not None:
                 return raw
-        return full_email(inputs)
+        email = full_email(inputs)
+        # Build the MIME message now: a value no header can carry (a line break in a name)
+        # must fail here, before the delivery is started, not inside the send.
+        email.message()
+        return email

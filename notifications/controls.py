@@ -1,5 +1,10 @@
 """What staff, ops and parents' answers do to sending: pause, resume, cancel, resolve.
 
+Lock order, for every transaction that takes more than one of these rows: the source (slip
+or broadcast; the slip for a reminder round), then its reminder round, then its mailings, then
+their deliveries. The sweeper's completion keeps the same order, so a staff action racing it
+waits for it instead of deadlocking.
+
 The doors (admin actions, management commands, the ops page) call these; none of them
 writes a status itself. Parents' answers reach ``reminders_cancel_answered`` through the
 ``answers_recorded`` signal, inside the answer's own transaction: the domain announces, the
@@ -121,14 +126,22 @@ def mailings_resume(*, source: Slip | Broadcast) -> int:
 
 
 def mailings_cancel(*, source: Slip | Broadcast, actor: str = "") -> int:
-    """Cancel what is not yet submitted. Rows already submitting finish and are recorded."""
-    ids = list(
-        Mailing.objects.filter(
-            _source_filter(source), status__in=[Mailing.Status.SENDING, Mailing.Status.PAUSED]
-        ).values_list("pk", flat=True)
-    )
-    Mailing.objects.filter(pk__in=ids).update(status=Mailing.Status.CANCELLED)
-    return transitions.deliveries_cancel(mailing_ids=ids, actor=actor)
+    """Cancel what is not yet submitted. Rows already submitting finish and are recorded.
+
+    The mailings are locked as they are chosen, and only those still sending or paused are
+    cancelled: a mailing the sweeper completes meanwhile stays completed.
+    """
+    cancellable = [Mailing.Status.SENDING, Mailing.Status.PAUSED]
+    with transaction.atomic():
+        ids = list(
+            Mailing.objects.select_for_update()
+            .filter(_source_filter(source), status__in=cancellable)
+            .values_list("pk", flat=True)
+        )
+        Mailing.objects.filter(pk__in=ids, status__in=cancellable).update(
+            status=Mailing.Status.CANCELLED
+        )
+        return transitions.deliveries_cancel(mailing_ids=ids, actor=actor)
 
 
 def reminders_cancel_answered(*, slip: Slip, student_ids: Iterable[int]) -> int:
@@ -180,6 +193,26 @@ def sending_set_paused(
         )
         if not paused:
             transaction.on_commit(lambda: nudges.nudge_stalled(force=True))
+
+
+# Who paused sending when the provider refused our credentials; ``alerts`` raises a critical
+# alert while the switch is off by this actor's hand.
+CREDENTIALS_ACTOR = "edsmart: credentials refused"
+
+
+def sending_pause_for_credentials(*, detail: str) -> None:
+    """The provider refused our credentials (SMTP 535, API 401/403): every email would be
+    refused the same way, and no recipient is at fault, so everything stops until a person
+    fixes the credentials and resumes (each waiting delivery then goes out once)."""
+    switch = SendingSwitch.objects.filter(pk=1).first()
+    if switch is not None and switch.paused:
+        return  # already off (another batch was first, or a person paused it)
+    log.critical(
+        "sending paused globally: the mail provider refused our credentials: %s",
+        detail,
+        extra={"reason": detail},
+    )
+    sending_set_paused(paused=True, actor=CREDENTIALS_ACTOR, reason=detail[:300])
 
 
 def mailing_set_paused(*, mailing: Mailing, paused: bool) -> bool:

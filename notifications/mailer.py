@@ -38,6 +38,12 @@ class SendResult:
     interrupted_by: BaseException | None = None
     # The connection itself failed: the next delivery in the batch would fail the same way.
     connection_lost: bool = False
+    # The provider refused our credentials (SMTP 535, API 401/403): no recipient's fault, so
+    # no recipient is charged a try; sending must stop until someone fixes the credentials.
+    credentials_refused: bool = False
+    # Failed before any of the message went out, on a connection that was already open:
+    # safe to try once on a new connection (see ``send_one``).
+    reconnect_ok: bool = False
 
 
 def _reply_outcome(code: int) -> Outcome:
@@ -63,7 +69,14 @@ class RawEmail:
 def send_one(*, connection: object, message: EmailMultiAlternatives | RawEmail) -> SendResult:
     """Send ``message`` over an open-or-openable Django email backend ``connection``."""
     if isinstance(connection, SMTPBackend):
-        return _send_smtp(connection, message)
+        reused = connection.connection is not None
+        result = _send_smtp(connection, message)
+        if reused and result.reconnect_ok:
+            # The server closed the connection we kept between messages (providers do, every
+            # N messages or when idle): nothing of this message was taken, so it goes once
+            # more on a new connection, and the delivery is not charged for the old one.
+            return _send_smtp(connection, message)
+        return result
     if isinstance(message, RawEmail):
         raise TypeError("a RawEmail can only be sent through the SMTP backend")
     return _send_generic(connection, message)
@@ -126,9 +139,21 @@ def _refusal(commands: list[str], replies: list[tuple[int, bytes]]) -> SendResul
     return None
 
 
+def _credentials_refused(exc: smtplib.SMTPAuthenticationError) -> SendResult:
+    return SendResult(
+        Outcome.RETRY,
+        f"the mail server refused our credentials: {exc.smtp_code} {_text(exc.smtp_error)}",
+        connection_lost=True,
+        credentials_refused=True,
+    )
+
+
 def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives | RawEmail) -> SendResult:
     try:
         backend.open()
+    except smtplib.SMTPAuthenticationError as exc:
+        _drop(backend)
+        return _credentials_refused(exc)
     except Exception as exc:  # noqa: BLE001 - whatever stops us connecting, nothing was sent
         _drop(backend)
         return SendResult(
@@ -145,6 +170,12 @@ def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives | RawEmail)
         smtp.ehlo_or_helo_if_needed()
         replies = _envelope_replies(smtp, commands)
         refused = _refusal(commands, replies)
+        if refused is not None and replies[0][0] == 421:
+            # "421 closing connection" to MAIL: the server is done with this connection.
+            _drop(backend)
+            return SendResult(
+                refused.outcome, refused.detail, connection_lost=True, reconnect_ok=True
+            )
         if refused is not None:
             if replies[-1][0] == 354:
                 # A pipelined DATA was taken although an earlier command was refused. Ending
@@ -167,7 +198,10 @@ def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives | RawEmail)
                 Outcome.UNKNOWN, f"no reply after DATA: {exc!r}", connection_lost=True
             )
         return SendResult(
-            Outcome.RETRY, f"connection failed before DATA: {exc!r}", connection_lost=True
+            Outcome.RETRY,
+            f"connection failed before DATA: {exc!r}",
+            connection_lost=True,
+            reconnect_ok=True,
         )
     except BaseException as exc:  # noqa: BLE001 - a soft time limit, say: record, then re-raise
         _drop(backend)
@@ -190,6 +224,9 @@ def _send_generic(backend: object, message: EmailMultiAlternatives) -> SendResul
         sent = backend.send_messages([message])  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - classified below, erring towards unknown
         outcome, detail = classify_api_error(exc)
+        if getattr(exc, "status_code", None) in (401, 403):
+            # A rotated or revoked API key: the provider refused us, not the recipient.
+            return SendResult(Outcome.RETRY, detail, credentials_refused=True)
         return SendResult(outcome, detail)
     except BaseException as exc:  # noqa: BLE001 - recorded as unknown, then re-raised
         return SendResult(Outcome.UNKNOWN, f"interrupted: {exc!r}", interrupted_by=exc)

@@ -12,7 +12,11 @@ the only code that writes a delivery's status):
 pending --claim--> claimed --start--> submitting --250--> sent
    ^                  |                   |--4xx before DATA, refused--> retry_wait --due--> claimed
    |--lease expired---+                   |--5xx, invalid, attempts exhausted--> failed
-                                          |--timeout/reset after DATA, lease expired--> unknown
+                      |                   |--timeout/reset after DATA, lease expired--> unknown
+                      |                   |--credentials refused (not charged)--> retry_wait
+                      |--email cannot be built--> failed
+                      |--error before the send (counted as a try)--> retry_wait | failed
+                      |--lease expired EDSMART_MAX_LOST_CLAIMS times--> failed
 unknown --late confirmation / resolve--> sent | failed | pending (resend)
 pending/claimed/retry_wait --cancel--> cancelled
 (fan-out of a suppressed address) --> skipped
@@ -134,6 +138,9 @@ class Delivery(models.Model):
     # How many times a send was actually started (entered ``submitting``); bounded by
     # EDSMART_MAX_ATTEMPTS. Claims given back unused do not count.
     tries = models.PositiveSmallIntegerField(default=0)
+    # Claims whose worker vanished (lease expired before the send started); bounded by
+    # EDSMART_MAX_LOST_CLAIMS so that an email that kills its worker cannot cycle forever.
+    lost_claims = models.PositiveSmallIntegerField(default=0, db_default=0)
     lease_until = models.DateTimeField(null=True, blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     message_id_header = models.CharField(max_length=250, blank=True)

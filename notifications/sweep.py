@@ -29,7 +29,6 @@ S = DeliveryStatus
 class SweepReport:
     claims_expired: int = 0
     submits_expired: int = 0
-    auto_resent: int = 0
     orphans_cancelled: int = 0
     reopened: int = 0
     nudged: int = 0
@@ -39,17 +38,18 @@ class SweepReport:
 def sweep() -> SweepReport:
     """Repair whatever crashes, restarts and lost messages left behind. Safe to run twice."""
     report = SweepReport()
-    expired_claims = transitions.deliveries_expire(
-        from_status=S.CLAIMED, to=S.PENDING, detail="claim lease expired before the send started"
-    )
+    expired_claims = transitions.claims_expire()
     report.claims_expired = len(expired_claims)
-    for delivery_id, mailing_id in expired_claims:
-        transitions.log_transition(delivery_id, mailing_id, S.PENDING, reason="claim lease expired")
-    expired_submits = transitions.deliveries_expire(
-        from_status=S.SUBMITTING,
-        to=S.UNKNOWN,
-        detail="worker vanished while submitting; the mail server may have accepted it",
-    )
+    for delivery_id, mailing_id, to in expired_claims:
+        transitions.log_transition(delivery_id, mailing_id, to, reason="claim lease expired")
+        if to == S.FAILED:
+            log.error(
+                "delivery %s failed: its worker vanished %s times while holding it",
+                delivery_id,
+                settings.EDSMART_MAX_LOST_CLAIMS,
+                extra={"delivery_id": delivery_id, "mailing_id": mailing_id},
+            )
+    expired_submits = transitions.submits_expire()
     report.submits_expired = len(expired_submits)
     for delivery_id, mailing_id in expired_submits:
         log.error(
@@ -57,7 +57,6 @@ def sweep() -> SweepReport:
             delivery_id,
             extra={"delivery_id": delivery_id, "mailing_id": mailing_id, "status": S.UNKNOWN},
         )
-    report.auto_resent = unknowns_auto_resend()
     report.orphans_cancelled = deliveries_cancel_orphaned()
     report.reopened = transitions.mailings_reopen()
     report.nudged = nudges.nudge_stalled()
@@ -84,40 +83,25 @@ def deliveries_cancel_orphaned() -> int:
     )
 
 
-def unknowns_auto_resend() -> int:
-    """Under the ``resend`` policy, requeue unknowns that an idempotent backend will dedupe."""
-    if settings.EDSMART_UNKNOWN_POLICY != "resend":
-        return 0
-    if settings.EMAIL_BACKEND not in settings.EDSMART_IDEMPOTENT_BACKENDS:
-        return 0
-    window_start = timezone.now() - timezone.timedelta(
-        seconds=settings.EDSMART_IDEMPOTENCY_WINDOW_SECONDS
-    )
-    ids = Delivery.objects.filter(status=S.UNKNOWN, submitted_at__gte=window_start).values_list(
-        "pk", "attempt"
-    )
-    moved = 0
-    for delivery_id, attempt in ids:
-        moved += transitions.delivery_move(
-            delivery_id=delivery_id,
-            attempt=attempt,
-            from_statuses=[S.UNKNOWN],
-            to=S.PENDING,
-            detail="automatic resend: the backend honours the idempotency key",
-            actor="policy",
-        )
-    return moved
-
-
 def mailings_complete() -> int:
-    """sending -> completed once no delivery can change any more; the source becomes sent."""
+    """sending -> completed once no delivery can change any more; the source becomes sent.
+
+    Locks in the order every staff action does (see ``controls``): the source row first (the
+    slip for a reminder round), then the round, then the mailing.
+    """
     open_rows = Delivery.objects.filter(mailing=OuterRef("pk")).exclude(
         status__in=list(TERMINAL_STATUSES)
     )
     done = 0
     candidates = Mailing.objects.filter(status=Mailing.Status.SENDING).filter(~Exists(open_rows))
     for mailing in candidates.only("pk", "slip_id", "broadcast_id", "round"):
+        source_model = Slip if mailing.slip_id else Broadcast
+        source_id = mailing.slip_id or mailing.broadcast_id
         with transaction.atomic():
+            list(source_model.objects.select_for_update().filter(pk=source_id).values("pk"))
+            rounds = ReminderRound.objects.filter(slip_id=mailing.slip_id, number=mailing.round)
+            if mailing.round:
+                list(rounds.select_for_update().values("pk"))
             won = (
                 Mailing.objects.filter(pk=mailing.pk, status=Mailing.Status.SENDING)
                 .filter(~Exists(open_rows))
@@ -127,14 +111,11 @@ def mailings_complete() -> int:
                 continue
             done += 1
             if mailing.round == 0:
-                model = Slip if mailing.slip_id else Broadcast
-                model.objects.filter(
-                    pk=mailing.slip_id or mailing.broadcast_id, status=SendStatus.SENDING
-                ).update(status=SendStatus.SENT, completed_at=timezone.now())
+                source_model.objects.filter(pk=source_id, status=SendStatus.SENDING).update(
+                    status=SendStatus.SENT, completed_at=timezone.now()
+                )
             else:
-                ReminderRound.objects.filter(
-                    slip_id=mailing.slip_id,
-                    number=mailing.round,
-                    status=ReminderRound.Status.SENDING,
-                ).update(status=ReminderRound.Status.SENT)
+                rounds.filter(status=ReminderRound.Status.SENDING).update(
+                    status=ReminderRound.Status.SENT
+                )
     return done

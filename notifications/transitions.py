@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -60,16 +61,23 @@ def _event_sql(*, source: str, from_status: str, to: str, detail: str, actor: st
     """
 
 
-def prepared_cursor() -> psycopg.Cursor:
+@contextmanager
+def prepared_cursor() -> Iterator[psycopg.Cursor]:
     """A server-side-binding cursor on Django's own connection, for the per-email statements.
 
     Django binds parameters client-side, so PostgreSQL plans every statement afresh; for the
     CTEs of the hot path planning cost more than executing (about 1 ms against 0.4 ms).
     Prepared once per connection, they are planned once. Same connection, same transaction
     state: inside an ``atomic`` block this still runs in that transaction.
+
+    Errors go through Django's wrapper as they would on a Django cursor: they come out as
+    ``django.db`` errors and mark the connection, so that ``close_old_connections`` (around
+    every task) drops it once the server has gone away instead of reusing it forever.
     """
+    connection.close_if_health_check_failed()
     connection.ensure_connection()
-    return psycopg.Cursor(connection.connection)
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cur:
+        yield cur
 
 
 # --- fan-out: the rows are born ------------------------------------------------------------------
@@ -187,6 +195,82 @@ def claims_release(*, claims: Iterable[Claimed], delay_seconds: float = 0) -> in
     return len(released)
 
 
+def claims_renew(*, claims: Iterable[Claimed]) -> int:
+    """Extend the lease of claims still held (fenced by ``attempt``): a live batch keeps its
+    rows, and a dead one's come back within one short lease."""
+    pairs = [(c.id, c.attempt) for c in claims]
+    if not pairs:
+        return 0
+    sql = f"""
+        UPDATE {D} d SET lease_until = statement_timestamp() + make_interval(secs => %(lease)s)
+        FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS c(id, attempt)
+        WHERE d.id = c.id AND d.attempt = c.attempt AND d.status = 'claimed'
+    """
+    with prepared_cursor() as cur:
+        cur.execute(
+            sql,
+            {
+                "ids": [p[0] for p in pairs],
+                "attempts": [p[1] for p in pairs],
+                "lease": settings.EDSMART_CLAIM_LEASE_SECONDS,
+            },
+        )
+        return cur.rowcount
+
+
+def claim_unbuildable(*, claimed: Claimed, detail: str) -> bool:
+    """claimed -> failed: this delivery's email cannot be built (a value no header can carry,
+    a template error). Nothing was sent; trying again would fail the same way."""
+    moved = delivery_move(
+        delivery_id=claimed.id,
+        attempt=claimed.attempt,
+        from_statuses=[S.CLAIMED],
+        to=S.FAILED,
+        detail=f"the email could not be built: {detail}",
+        actor="batch",
+        sets="lease_until = NULL, last_error = %(detail)s",
+    )
+    if moved:
+        log.error(
+            "delivery %s failed: its email could not be built: %s",
+            claimed.id,
+            detail,
+            extra={"delivery_id": claimed.id, "mailing_id": claimed.mailing_id},
+        )
+    return moved
+
+
+def claim_setback(*, claimed: Claimed, detail: str) -> str | None:
+    """An error before this claim's send started: counted as a try (nothing was sent), so
+    claimed -> retry_wait with back-off, or -> failed once the tries are used up. Without the
+    count an error that recurs would cycle claim -> release forever."""
+    tries = claimed.tries + 1
+    if tries < settings.EDSMART_MAX_ATTEMPTS:
+        to, sets = (
+            S.RETRY_WAIT,
+            "tries = d.tries + 1, lease_until = NULL, last_error = %(detail)s, "
+            "next_attempt_at = statement_timestamp() + make_interval(secs => %(delay)s)",
+        )
+        text = f"error before sending: {detail}"
+    else:
+        to, sets = S.FAILED, "tries = d.tries + 1, lease_until = NULL, last_error = %(detail)s"
+        text = f"gave up after {tries} attempts: error before sending: {detail}"
+    moved = delivery_move(
+        delivery_id=claimed.id,
+        attempt=claimed.attempt,
+        from_statuses=[S.CLAIMED],
+        to=to,
+        detail=text,
+        actor="batch",
+        sets=sets,
+        params={"delay": retry_delay_seconds(tries)},
+    )
+    if not moved:
+        return None
+    log_transition(claimed.id, claimed.mailing_id, to, attempt=claimed.attempt, reason=text)
+    return to
+
+
 # --- start and record: the per-email statements --------------------------------------------------
 
 # Each move is written as CTEs ("parts") so that the hot path can put the previous
@@ -288,9 +372,10 @@ def delivery_move(
     detail: str = "",
     actor: str = "",
     sets: str = "",
+    params: dict | None = None,
 ) -> bool:
     """One fenced move with its event, for moves outside the hot path (a person's resolution,
-    the resend policy). ``sets`` may use ``%(detail)s``."""
+    an error before a send). ``sets`` may use ``%(detail)s`` and the keys of ``params``."""
     part = _transition_part(
         delivery_id=delivery_id,
         attempt=attempt,
@@ -299,6 +384,7 @@ def delivery_move(
         detail=detail,
         actor=actor,
         sets=sets,
+        params=params,
     )
     return _run(transition=part)[0]
 
@@ -330,6 +416,17 @@ def _record_part(claimed: Claimed, result: SendResult) -> tuple[str, Part]:
     # Definite answers are also taken from ``unknown``: the sweeper may have given up on us
     # while the server was slow; a late reply for the same attempt is the truth and settles it.
     definite_from = [S.SUBMITTING, S.UNKNOWN]
+    if result.credentials_refused:
+        # Not this recipient's doing and not a try: the start's count is taken back, and the
+        # row is due again at once; sending is paused globally until the credentials work.
+        return S.RETRY_WAIT, _transition_part(
+            **common,
+            from_statuses=definite_from,
+            to=S.RETRY_WAIT,
+            detail=result.detail,
+            sets="tries = greatest(d.tries - 1, 0), next_attempt_at = statement_timestamp(), "
+            "lease_until = NULL, last_error = %(detail)s",
+        )
     if outcome is Outcome.ACCEPTED:
         return S.SENT, _transition_part(
             **common,
@@ -416,25 +513,67 @@ def delivery_record_and_start(
 # --- moves of many rows: expiry and cancel -------------------------------------------------------
 
 
-def deliveries_expire(*, from_status: str, to: str, detail: str) -> list[tuple[int, int]]:
-    """Rows whose lease ran out (their worker vanished): claimed -> pending, or
-    submitting -> unknown. Returns (delivery id, mailing id) of each, at most 5,000 a call."""
+def claims_expire() -> list[tuple[int, int, str]]:
+    """Claims whose worker vanished (the lease ran out before the send started; a live batch
+    renews its leases): claimed -> pending, or -> failed once a delivery has lost
+    EDSMART_MAX_LOST_CLAIMS claims this way. Returns (delivery, mailing, new status), at most
+    5,000 a call."""
     event = _event_sql(
         source="moved",
-        from_status="%(from)s",
-        to="%(to)s",
+        from_status="'claimed'",
+        to="to_status",
+        detail="detail",
+        actor="'sweep'",
+    )
+    sql = f"""
+        WITH moved AS (
+            UPDATE {D} d SET lost_claims = d.lost_claims + 1, lease_until = NULL,
+                updated_at = statement_timestamp(),
+                status = CASE WHEN d.lost_claims + 1 >= %(max)s THEN 'failed' ELSE 'pending' END,
+                last_error = CASE WHEN d.lost_claims + 1 >= %(max)s THEN %(failed)s
+                    ELSE d.last_error END
+            WHERE d.id IN (
+                SELECT id FROM {D} WHERE status = 'claimed' AND lease_until < statement_timestamp()
+                ORDER BY id LIMIT 5000 FOR UPDATE SKIP LOCKED
+            ) AND d.status = 'claimed' AND d.lease_until < statement_timestamp()
+            RETURNING d.id, d.attempt, d.mailing_id, d.status AS to_status,
+                CASE WHEN d.status = 'failed' THEN d.last_error
+                    ELSE 'claim lease expired before the send started' END AS detail
+        ), logged AS (
+            {event}
+        )
+        SELECT id, mailing_id, to_status FROM moved
+    """
+    limit = settings.EDSMART_MAX_LOST_CLAIMS
+    failed = (
+        f"its worker vanished {limit} times while holding it (claim lease expired before "
+        "the send started); never sent"
+    )
+    with connection.cursor() as cur:
+        cur.execute(sql, {"max": limit, "failed": failed})
+        return cur.fetchall()
+
+
+def submits_expire() -> list[tuple[int, int]]:
+    """submitting -> unknown for sends whose worker vanished mid-exchange: the server may have
+    accepted the message, so it is never resent silently. At most 5,000 a call."""
+    detail = "worker vanished while submitting; the mail server may have accepted it"
+    event = _event_sql(
+        source="moved",
+        from_status="'submitting'",
+        to="'unknown'",
         detail="%(detail)s",
         actor="'sweep'",
     )
     sql = f"""
         WITH moved AS (
-            UPDATE {D} d SET status = %(to)s, lease_until = NULL,
-                updated_at = statement_timestamp(),
-                last_error = CASE WHEN %(to)s = 'unknown' THEN %(detail)s ELSE d.last_error END
+            UPDATE {D} d SET status = 'unknown', lease_until = NULL,
+                updated_at = statement_timestamp(), last_error = %(detail)s
             WHERE d.id IN (
-                SELECT id FROM {D} WHERE status = %(from)s AND lease_until < statement_timestamp()
+                SELECT id FROM {D}
+                WHERE status = 'submitting' AND lease_until < statement_timestamp()
                 ORDER BY id LIMIT 5000 FOR UPDATE SKIP LOCKED
-            ) AND d.status = %(from)s AND d.lease_until < statement_timestamp()
+            ) AND d.status = 'submitting' AND d.lease_until < statement_timestamp()
             RETURNING d.id, d.attempt, d.mailing_id
         ), logged AS (
             {event}
@@ -442,7 +581,7 @@ def deliveries_expire(*, from_status: str, to: str, detail: str) -> list[tuple[i
         SELECT id, mailing_id FROM moved
     """
     with connection.cursor() as cur:
-        cur.execute(sql, {"from": from_status, "to": to, "detail": detail})
+        cur.execute(sql, {"detail": detail})
         return cur.fetchall()
 
 

@@ -7,6 +7,7 @@ Every row belongs to exactly one school (the tenant). Admin querysets and servic
 from __future__ import annotations
 
 import datetime as dt
+import re
 import zoneinfo
 
 from django.conf import settings
@@ -32,9 +33,18 @@ def validate_time_zone(value: str) -> None:
         raise ValidationError(f"{value!r} is not a known time zone (e.g. Australia/Sydney).")
 
 
+# Line breaks of every kind (what str.splitlines splits on), and the other control characters
+# but the tab: none of them belongs in a name or a subject, and in an email header they break it.
+_LINE_BREAK = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f]")
+
+
 def validate_single_line(value: str) -> None:
-    if "\n" in value or "\r" in value:
+    """For every value that reaches an email header (school and sender names, titles)."""
+    if _LINE_BREAK.search(value):
         raise ValidationError("Must be a single line (no line breaks).")
+    if _CONTROL.search(value):
+        raise ValidationError("Must not contain control characters.")
 
 
 def validate_body_size(value: str) -> None:
@@ -45,7 +55,7 @@ def validate_body_size(value: str) -> None:
 
 
 class School(models.Model):
-    name = models.CharField(max_length=200)
+    name = models.CharField(max_length=200, validators=[validate_single_line])
     slug = models.SlugField(max_length=64, unique=True)
     time_zone = models.CharField(
         max_length=64, default="Australia/Sydney", validators=[validate_time_zone]

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 
 @dataclass
@@ -35,6 +36,11 @@ class Behaviour:
     fail_first: int = 0  # refuse the first N RCPTs with a 451, then behave
     pipelining: bool = False  # offer PIPELINING (RFC 2920) in the EHLO reply
     mail_reply: str | None = None  # e.g. "451 4.7.1 sender rate limited"
+    # Close the connection when the next MAIL comes after this many accepted messages on it,
+    # as providers do every N messages (0: never).
+    close_every: int = 0
+    close_silently: bool = False  # ... without the "421 closing" reply first (an idle timeout)
+    refuse_auth: bool = False  # answer AUTH with 535 (credentials rotated or revoked)
 
 
 @dataclass
@@ -43,7 +49,17 @@ class Handler:
     accepted: list[Accepted] = field(default_factory=list)
     received_data: int = 0
     rcpt_refusals: int = 0
+    closed_connections: int = 0
+    logins: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data) -> AuthResult:
+        """Any credentials pass unless ``refuse_auth``: then 535, as after a rotation."""
+        with self.lock:
+            self.logins += 1
+        if self.behaviour.refuse_auth:
+            return AuthResult(success=False, handled=False)  # aiosmtpd then answers 535
+        return AuthResult(success=True)
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
@@ -52,6 +68,16 @@ class Handler:
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        every = self.behaviour.close_every
+        if every and getattr(session, "edsmart_accepted", 0) >= every:
+            with self.lock:
+                self.closed_connections += 1
+            if self.behaviour.close_silently:
+                server.transport.close()
+                return "421 4.7.0 closing"  # never reaches the client
+            # Say so, then hang up, as a provider does at its per-connection limit.
+            asyncio.get_running_loop().call_later(0.01, server.transport.close)
+            return "421 4.7.0 Too many messages on this connection, closing"
         if self.behaviour.mail_reply:
             return self.behaviour.mail_reply
         envelope.mail_from = address
@@ -84,6 +110,7 @@ class Handler:
             return b.data_reply
         msg = email.message_from_bytes(envelope.content)
         header = msg.get("X-EdSmart-Delivery")
+        session.edsmart_accepted = getattr(session, "edsmart_accepted", 0) + 1
         with self.lock:
             for rcpt in envelope.rcpt_tos:
                 self.accepted.append(
@@ -104,6 +131,8 @@ class Handler:
             self.accepted.clear()
             self.received_data = 0
             self.rcpt_refusals = 0
+            self.closed_connections = 0
+            self.logins = 0
 
 
 def free_port() -> int:
@@ -116,8 +145,14 @@ class SMTPServer:
     def __init__(self, port: int | None = None) -> None:
         self.handler = Handler()
         self.port = port or free_port()
+        # AUTH is offered without TLS (loopback only); clients without credentials skip it.
         self.controller = Controller(
-            self.handler, hostname="127.0.0.1", port=self.port, ready_timeout=10
+            self.handler,
+            hostname="127.0.0.1",
+            port=self.port,
+            ready_timeout=10,
+            authenticator=self.handler.authenticate,
+            auth_require_tls=False,
         )
 
     def start(self) -> SMTPServer:

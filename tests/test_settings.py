@@ -135,6 +135,35 @@ def test_settings_refuse_a_malformed_debug_flag() -> None:
     assert "DEBUG must be a boolean" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("EDSMART_UNKNOWN_POLICY", "resend"),
+        ("EDSMART_IDEMPOTENT_BACKENDS", "anymail.backends.postmark.EmailBackend"),
+        ("EDSMART_IDEMPOTENCY_WINDOW_SECONDS", "86400"),
+    ],
+)
+def test_the_removed_resend_policy_is_refused_rather_than_ignored(name: str, value: str) -> None:
+    """No backend sends an idempotency key, so automatic resending could only duplicate: a
+    deployment still asking for it stops at start-up and says why, instead of running
+    without what it asked for."""
+    result = _python("import edsmart.settings", _clean_env(DEBUG="1", **{name: value}))
+    assert result.returncode != 0
+    assert name in result.stderr and "idempotency key" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "env, fine",
+    [({}, True), ({"EDSMART_BATCH_SECONDS": "235"}, False)],
+    ids=["defaults", "batch-outlasts-its-task"],
+)
+def test_a_batch_must_end_before_its_task_is_told_to_stop(env: dict, fine: bool) -> None:
+    result = _python("import edsmart.settings", _clean_env(DEBUG="1", **env))
+    assert (result.returncode == 0) is fine, result.stderr
+    if not fine:
+        assert "EDSMART_BATCH_SECONDS" in result.stderr
+
+
 def test_check_deploy_is_clean_with_debug_off() -> None:
     """A production-shaped environment (DEBUG off, a long random key, the site's host name)
     passes every deployment check, so `check --deploy` can gate a release."""

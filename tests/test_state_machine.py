@@ -67,6 +67,10 @@ from tests.smtp_server import Behaviour
 S = DeliveryStatus
 
 MAX_ATTEMPTS = 3
+# Low, so that examples reach it: a row whose worker dies with it twice fails.
+MAX_LOST_CLAIMS = 2
+# Claims handed to claims_release, per delivery (counted by a pass-through spy).
+RELEASES_OFFERED: Counter[int] = Counter()
 # A stall longer than the client's timeout turns a send into ``unknown``: the client hangs up
 # after STALL_TIMEOUT and the server then abandons the message, so a stall is never accepted.
 # Only sends meant to stall use the short timeout (others keep EMAIL_TIMEOUT from the test
@@ -478,6 +482,15 @@ class DeliveryMachine(RuleBasedStateMachine):
                 assert n <= 1, f"{d.status} delivery {pk} was accepted {n} times"
             # The monitor counts 'sent' events as sends: it must see exactly the sent rows.
             assert sent_events.get(pk, 0) == (d.status == S.SENT), (pk, d.status, sent_events)
+            # No claim cycle without end: every claim of a row led to a start (a try, bounded
+            # by MAX_ATTEMPTS), lapsed with its worker (bounded by MAX_LOST_CLAIMS, then the
+            # row fails), was given back by a batch that stopped (a pause), or ended the row.
+            assert d.tries <= MAX_ATTEMPTS, (pk, d.tries)
+            assert d.lost_claims <= MAX_LOST_CLAIMS, (pk, d.lost_claims)
+            if d.lost_claims == MAX_LOST_CLAIMS and d.status != S.CLAIMED:
+                assert d.status == S.FAILED, (pk, d.status, d.lost_claims)
+            offered = RELEASES_OFFERED[pk]
+            assert d.attempt <= d.tries + d.lost_claims + offered + 1, (pk, d.attempt, offered)
             attempt, tries = self.seen.get(pk, (0, 0))
             assert d.attempt >= attempt, f"fencing token of {pk} went back: {attempt}->{d.attempt}"
             assert d.tries >= tries, f"tries of {pk} went back: {tries}->{d.tries}"
@@ -548,6 +561,15 @@ def test_delivery_state_machine(smtp, settings, redis_client, monkeypatch):
     # Nudges are only hints (DESIGN.md): publishing Celery messages that no worker consumes
     # would cost a third of the run and fill Redis, and changes nothing this test checks.
     monkeypatch.setattr(nudges, "enqueue_batches", lambda *args, **kwargs: 0)
+    settings.EDSMART_MAX_LOST_CLAIMS = MAX_LOST_CLAIMS
+    real_release = transitions.claims_release
+
+    def counting_release(*, claims, **kwargs):
+        claims = list(claims)
+        RELEASES_OFFERED.update(c.id for c in claims)
+        return real_release(claims=claims, **kwargs)
+
+    monkeypatch.setattr(transitions, "claims_release", counting_release)
     monkeypatch.setattr(DeliveryMachine, "smtp", smtp)
     monkeypatch.setattr(DeliveryMachine, "tracker", tracker)
     assert not SendingSwitch.objects.filter(paused=True).exists()
