@@ -107,14 +107,19 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
         )
     limit = limit or settings.EDSMART_BATCH_SIZE
     report = BatchReport()
-    if mailing_id is not None:
-        nudges.mark_alive(mailing_id)
-    claims = transitions.deliveries_claim(limit=limit, mailing_id=mailing_id)
-    report.claimed = len(claims)
-    if not claims:
-        return report
-    with _LeaseKeeper(claims, mailing_id):
-        _send_claims(claims, report)
+    try:
+        claims = transitions.deliveries_claim(limit=limit, mailing_id=mailing_id)
+        report.claimed = len(claims)
+        if not claims:
+            return report
+        if mailing_id is not None:
+            nudges.mark_alive(mailing_id)
+        with _LeaseKeeper(claims, mailing_id):
+            _send_claims(claims, report)
+    except DATABASE_DOWN:
+        # No chained batch follows a batch that died; the sweeper must not wait for markers.
+        nudges.forget(mailing_id)
+        raise
     if report.claimed == limit and not report.stopped:
         # A full batch suggests more work: chain the next one rather than waiting for a sweep.
         nudges.enqueue_batches(mailing_id, 1)

@@ -43,10 +43,25 @@ def batches_for(total: int | None) -> int:
 
 
 def mark_alive(mailing_id: int) -> None:
+    """A batch holds claims of this mailing. Lives one claim lease: the batch's lease keeper
+    renews it with the leases, so it lapses with them when the batch dies."""
+    ttl = max(1, round(settings.EDSMART_CLAIM_LEASE_SECONDS))
     try:
-        redis_client().set(_alive_key(mailing_id), 1, ex=int(settings.EDSMART_SWEEP_STALE_SECONDS))
+        redis_client().set(_alive_key(mailing_id), 1, ex=ttl)
     except redis.RedisError:
         log.warning("could not mark mailing %s alive in Redis", mailing_id, exc_info=True)
+
+
+def forget(mailing_id: int | None) -> None:
+    """A batch of this mailing died with the database: drop its markers, so that the first
+    sweep after the database is back nudges at once instead of waiting them out (a soak run
+    saw sending stop for up to 17 s after a 3 s restart, every nudge having failed at once)."""
+    if mailing_id is None:
+        return
+    try:
+        redis_client().delete(_alive_key(mailing_id), _nudged_key(mailing_id))
+    except redis.RedisError:
+        log.warning("could not clear the markers of mailing %s in Redis", mailing_id)
 
 
 def enqueue_batches(mailing_id: int | None, total: int | None) -> int:
