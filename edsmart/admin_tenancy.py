@@ -14,16 +14,18 @@ autocomplete results and ``get_object`` from it. What does not follow, and is ha
   id cannot tell "another school's" from "does not exist".
 
 Permissions are membership-based rather than Django model permissions, so a staff login works
-without any permission set-up: every member may view, add and change their schools' rows;
-only members with the school-admin role may delete, and only in schools where they hold it.
-Admins that must stay with platform ops (memberships, the global switch) use
-``SuperuserOnlyAdmin``.
+without any permission set-up. Every member may view their schools' rows; who may add and
+change them is the admin's ``edit_roles`` (every role unless narrowed), who may delete them its
+``delete_roles`` (school admins); each holds only in the schools where the user has that role.
+What each admin grants to which role is walked for every registered admin by
+tests/test_roles.py, and summed up in docs/security.md. Admins that must stay with platform ops
+(memberships, the global switch) use ``SuperuserOnlyAdmin``.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from django import forms
@@ -37,6 +39,11 @@ from django.utils import timezone
 from slips.models import Membership, School
 
 _CACHE_ATTR = "_edsmart_memberships"
+
+#: Every school role: the default of who may add and change a school's rows.
+ALL_ROLES: tuple[str, ...] = tuple(Membership.Role.values)
+#: The school's admins: the default of who may delete, and who changes the school itself.
+ADMIN_ONLY: tuple[str, ...] = (Membership.Role.ADMIN,)
 
 
 def user_memberships(request: HttpRequest) -> dict[int, str]:
@@ -72,10 +79,29 @@ def school_lookup_for(model: type[models.Model]) -> str | None:
     return None
 
 
-def schools_for(request: HttpRequest) -> QuerySet[School]:
+def school_ids_with_role(request: HttpRequest, roles: Collection[str]) -> list[int]:
+    """The user's schools in which they hold one of ``roles`` (not meaningful for ops)."""
+    return [pk for pk, role in user_memberships(request).items() if role in roles]
+
+
+def has_role(request: HttpRequest, roles: Collection[str], school_id: int | None = None) -> bool:
+    """Ops, or a member holding one of ``roles`` in ``school_id`` (in any of their schools when
+    ``school_id`` is None: e.g. whether to offer an action at all)."""
+    if is_ops(request):
+        return True
+    memberships = user_memberships(request)
+    if school_id is None:
+        return any(role in roles for role in memberships.values())
+    return memberships.get(school_id) in roles
+
+
+def schools_for(request: HttpRequest, roles: Collection[str] | None = None) -> QuerySet[School]:
+    """The user's schools (every one for ops); only those where they hold one of ``roles``
+    when given."""
     if is_ops(request):
         return School.objects.all()
-    return School.objects.filter(pk__in=list(user_memberships(request)))
+    ids = list(user_memberships(request)) if roles is None else school_ids_with_role(request, roles)
+    return School.objects.filter(pk__in=ids)
 
 
 def restrict(queryset: QuerySet, request: HttpRequest, lookup: str | None = None) -> QuerySet:
@@ -171,7 +197,9 @@ class TenantAdmin(admin.ModelAdmin):
 
     ``school_lookup`` is the ORM path to the School when it is not the ``school`` field
     (e.g. ``"response__school"``). ``csv_fields`` enables the "Export selected as CSV" action.
-    ``staff_can_add`` / ``staff_can_change`` / ``staff_can_delete`` narrow what members may do.
+    ``staff_can_add`` / ``staff_can_change`` / ``staff_can_delete`` narrow what members may do;
+    ``edit_roles`` (add and change) and ``delete_roles`` name the school roles that may do it,
+    each in the schools where the user holds the role.
     """
 
     school_lookup: str | None = None
@@ -179,6 +207,8 @@ class TenantAdmin(admin.ModelAdmin):
     staff_can_add = True
     staff_can_change = True
     staff_can_delete = True
+    edit_roles: Collection[str] = ALL_ROLES
+    delete_roles: Collection[str] = ADMIN_ONLY
     form = TenantModelForm
     actions = ["export_csv"]
 
@@ -210,22 +240,29 @@ class TenantAdmin(admin.ModelAdmin):
     def has_view_permission(self, request: HttpRequest, obj: models.Model | None = None) -> bool:
         return is_ops(request) or self._member(request)
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return is_ops(request) or (self.staff_can_add and self._member(request))
-
-    def has_change_permission(self, request: HttpRequest, obj: models.Model | None = None) -> bool:
-        return is_ops(request) or (self.staff_can_change and self._member(request))
-
-    def has_delete_permission(self, request: HttpRequest, obj: models.Model | None = None) -> bool:
+    def _may(
+        self, request: HttpRequest, allowed: bool, roles: Collection[str], obj: models.Model | None
+    ) -> bool:
+        """Ops; or a member, if the admin lets staff do it at all, holding one of ``roles`` in
+        the object's school (in any of their schools when there is no object yet: Django asks
+        that to decide whether to offer a page or action, then again per object)."""
         if is_ops(request):
             return True
-        if not (self.staff_can_delete and self._member(request)):
+        if not (allowed and self._member(request)):
             return False
-        roles = user_memberships(request)
         if obj is None:
-            return Membership.Role.ADMIN in roles.values()
+            return has_role(request, roles)
         school_id = self._school_id(obj)
-        return roles.get(school_id) == Membership.Role.ADMIN
+        return school_id is not None and has_role(request, roles, school_id)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return self._may(request, self.staff_can_add, self.edit_roles, None)
+
+    def has_change_permission(self, request: HttpRequest, obj: models.Model | None = None) -> bool:
+        return self._may(request, self.staff_can_change, self.edit_roles, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: models.Model | None = None) -> bool:
+        return self._may(request, self.staff_can_delete, self.delete_roles, obj)
 
     def _school_id(self, obj: models.Model) -> int | None:
         value: Any = obj
@@ -270,7 +307,8 @@ class TenantAdmin(admin.ModelAdmin):
         # modelform_factory builds a fresh class on every call, so its fields are ours to edit.
         field = form.base_fields.get("school")
         if field is not None:
-            field.queryset = schools_for(request)
+            # A new row goes only to a school where the user may add (edit) rows.
+            field.queryset = schools_for(request, None if obj is not None else self.edit_roles)
             if obj is not None and obj.pk is not None:
                 # Moving a row between schools would strand its relations in the old one.
                 field.disabled = True

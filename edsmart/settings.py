@@ -6,7 +6,9 @@ instead of being silently replaced by a default.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import unicodedata
 from pathlib import Path
 
 from edsmart.env import (
@@ -41,6 +43,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_celery_beat",
+    "axes",
     "slips",
     "notifications",
 ]
@@ -54,6 +57,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: it turns a locked-out login into the lock-out page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "edsmart.urls"
@@ -92,6 +97,13 @@ else:
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+
+# django-axes first: it refuses a locked-out login before any password is checked. The model
+# backend after it is the one that logs users in (and the one ``Client.force_login`` picks).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -254,7 +266,8 @@ CELERY_BEAT_SCHEDULE["heartbeat"] = {
 }
 ANYMAIL = {
     "MAILGUN_WEBHOOK_SIGNING_KEY": env_str("MAILGUN_WEBHOOK_SIGNING_KEY", default=""),
-    # Optional extra basic auth on the webhook URL, "user:password".
+    # Basic auth for the webhook, "user:password"; required when DEBUG is off (the webhook
+    # answers 404 and logs an error without it).
     "WEBHOOK_SECRET": env_str("ANYMAIL_WEBHOOK_SECRET", default=""),
 }
 
@@ -275,13 +288,19 @@ LOGGING = {
 }
 
 # --- Security (production defaults; `manage.py check --deploy` must be clean with DEBUG off) ---
+# Set only when a reverse proxy that terminates TLS is in front and the web process cannot be
+# reached around it (gunicorn bound to a private address or firewalled): then, and only then,
+# its X-Forwarded-Proto says whether the request was HTTPS and its X-Forwarded-For who the
+# client is. Without a proxy, anyone could send those headers and skip the HTTPS redirect.
+EDSMART_BEHIND_PROXY = env_bool("EDSMART_BEHIND_PROXY", default=False)
+if EDSMART_BEHIND_PROXY:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 if not DEBUG:
-    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", default=True)
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
@@ -290,6 +309,47 @@ if not DEBUG:
     SECURE_HSTS_PRELOAD = True
     SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", default=[])
+
+
+# --- Login guessing (django-axes) ----------------------------------------------------------------
+def axes_client_ip(request: object) -> str | None:
+    """The address a login attempt came from: the peer, or with ``EDSMART_BEHIND_PROXY`` the
+    right-most X-Forwarded-For entry, the one the proxy itself appended (entries left of it are
+    whatever the client sent)."""
+    from django.conf import settings  # read per call: tests override it
+
+    meta = request.META  # type: ignore[attr-defined]
+    if settings.EDSMART_BEHIND_PROXY:
+        forwarded = [a.strip() for a in meta.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+        if forwarded[-1]:
+            return forwarded[-1]
+    return meta.get("REMOTE_ADDR")
+
+
+def axes_username(request: object, credentials: dict | None) -> str:
+    """The username as the login form cleans it (stripped, NFKC-normalized), so that
+    " admin" or "admin" in full-width letters count against the same account as "admin"."""
+    raw = (credentials or {}).get("username")
+    if raw is None:
+        raw = request.POST.get("username", "")  # type: ignore[attr-defined]
+    return unicodedata.normalize("NFKC", str(raw).strip())
+
+
+# A username that fails AXES_FAILURE_LIMIT times in a row is locked, and so is an address that
+# does: each on its own, so neither many passwords for one account nor many accounts from one
+# address get far. A lock lifts AXES_COOLOFF_TIME after the failure that set it (failures while
+# locked do not extend it); a successful login clears the account's and address's count. Ops
+# unlock early with `manage.py axes_reset_username NAME`, `axes_reset_ip ADDRESS` or `axes_reset`.
+AXES_FAILURE_LIMIT = env_int("EDSMART_LOGIN_FAILURE_LIMIT", default=5, minimum=1)
+AXES_COOLOFF_TIME = dt.timedelta(
+    minutes=env_int("EDSMART_LOGIN_COOLOFF_MINUTES", default=15, minimum=1)
+)
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_LOCKOUT_TEMPLATE = "admin/locked_out.html"
+AXES_CLIENT_IP_CALLABLE = "edsmart.settings.axes_client_ip"
+AXES_USERNAME_CALLABLE = "edsmart.settings.axes_username"
 
 if SENTRY_DSN:
     import sentry_sdk

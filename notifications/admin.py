@@ -95,6 +95,17 @@ def render_delivery_log(source: Slip | Broadcast) -> SafeString:
     )
 
 
+# --- handles -------------------------------------------------------------------------------------
+
+
+class MessageHandleAdminMixin:
+    """The handle of a slip, broadcast or mailing (``slip:3``), as the ops commands take it."""
+
+    @admin.display(description="handle", ordering="pk")
+    def message_handle(self, obj: Mailing | Slip | Broadcast) -> str:
+        return selectors.message_handle(obj) if obj.pk else "—"
+
+
 # --- Mailing -------------------------------------------------------------------------------------
 
 
@@ -111,9 +122,9 @@ class _OperateMixin:
 
 
 @admin.register(Mailing)
-class MailingAdmin(_OperateMixin, ReadOnlyTenantAdmin):
+class MailingAdmin(MessageHandleAdminMixin, _OperateMixin, ReadOnlyTenantAdmin):
     list_display = (
-        "id",
+        "message_handle",
         "kind",
         "subject",
         "status",
@@ -130,8 +141,12 @@ class MailingAdmin(_OperateMixin, ReadOnlyTenantAdmin):
     search_fields = ("subject",)
     ordering = ("-created_at",)  # Meta.ordering is dropped from GROUP BY queries
     date_hierarchy = "created_at"
-    readonly_fields = ("deliveries_link",)
+    readonly_fields = ("message_handle", "deliveries_link")
     actions = ["pause_mailings", "resume_mailings"]
+
+    def get_fields(self, request: HttpRequest, obj: Mailing | None = None) -> list:
+        fields = [f for f in super().get_fields(request, obj) if f != "message_handle"]
+        return ["message_handle", *fields]  # the handle first, as the commands take it
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Mailing]:
         return (

@@ -2,6 +2,10 @@
 
 Each check returns a small dict (``ok`` and a human ``detail``) so the JSON body says exactly
 what failed. Checks are independent: a dead database must not hide a dead Redis.
+
+The details name worker hosts and carry exception texts (hosts, ports, database names), so
+``/readyz`` shows them only to a caller with the metrics token; anyone else gets ``public``:
+each check's ``ok`` and nothing more.
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ CHECKS: dict[str, Callable[[], Check]] = {
     "beat": _beat,
     "workers": _workers,
 }
+
+
+def public(checks: dict[str, Check]) -> dict[str, Check]:
+    """What an anonymous caller may see of ``checks``: which passed and which failed."""
+    return {name: {"ok": bool(check["ok"])} for name, check in checks.items()}
 
 
 def readiness() -> tuple[bool, dict[str, Check]]:

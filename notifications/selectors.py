@@ -13,10 +13,10 @@ Writes never happen here; ``transitions`` owns every change of a delivery's stat
 from __future__ import annotations
 
 import datetime as dt
+import re
 import zoneinfo
 from dataclasses import dataclass
 
-from django.core.exceptions import ObjectDoesNotExist
 from django.db import connection
 from django.db.models import Count, Exists, Min, OuterRef, Q, QuerySet
 from django.db.models.functions import Coalesce
@@ -309,24 +309,53 @@ class UnknownMessage(LookupError):
     pass
 
 
-def message_lookup(ref: str) -> Mailing | Slip | Broadcast:
-    """Resolve an ops-facing message reference.
+# Every command that names a message takes one of these, and ``compose``, ``delivery_report``
+# and the admin print them. A bare number is refused: a slip, a broadcast and a mailing each
+# count their ids from 1, so ``3`` could be any of three different messages.
+HANDLE_FORMS = "slip:N, broadcast:N or mailing:N"
+HANDLE_KINDS: dict[str, type[Mailing] | type[Slip] | type[Broadcast]] = {
+    "slip": Slip,
+    "broadcast": Broadcast,
+    "mailing": Mailing,
+}
+_HANDLE = re.compile(r"([a-z]+):([0-9]+)", re.ASCII | re.IGNORECASE)
+_MAX_ID = 2**63 - 1  # the largest primary key PostgreSQL's bigint holds
 
-    ``42`` is mailing 42 (what ``delivery_report`` lists); ``slip:7`` and ``broadcast:7`` name
-    the staff-facing object, which is what ``compose`` prints.
+
+def message_handle(obj: Mailing | Slip | Broadcast) -> str:
+    """The handle that names ``obj`` unmistakably: ``slip:3``, ``broadcast:3``, ``mailing:3``."""
+    if isinstance(obj, Mailing):
+        return f"mailing:{obj.pk}"
+    return f"{'slip' if isinstance(obj, Slip) else 'broadcast'}:{obj.pk}"
+
+
+def message_lookup(handle: str) -> Mailing | Slip | Broadcast:
+    """The message a handle names (``slip:7``, ``broadcast:7`` or ``mailing:7``).
+
+    Raises UnknownMessage, saying which forms are accepted, for a bare number, an unknown
+    kind, or a handle naming nothing.
     """
-    kind, _, raw_id = ref.rpartition(":")
-    try:
-        pk = int(raw_id)
-    except ValueError:
-        raise UnknownMessage(f"{ref!r} is not a message id (42, slip:7 or broadcast:7)") from None
-    model = {"": Mailing, "mailing": Mailing, "slip": Slip, "broadcast": Broadcast}.get(kind)
+    text = handle.strip()
+    match = _HANDLE.fullmatch(text)
+    if match is None:
+        if text.isdigit():
+            raise UnknownMessage(
+                f"{handle!r} is a bare number, which could be a slip, a broadcast or a mailing: "
+                f"say which, as {HANDLE_FORMS} (compose and delivery_report print them)"
+            )
+        raise UnknownMessage(f"{handle!r} is not a message handle: use {HANDLE_FORMS}")
+    kind, digits = match.group(1).lower(), match.group(2)
+    model = HANDLE_KINDS.get(kind)
     if model is None:
-        raise UnknownMessage(f"{kind!r} is not a message kind (slip, broadcast or mailing)")
-    try:
-        return model.objects.select_related("school").get(pk=pk)
-    except ObjectDoesNotExist:
-        raise UnknownMessage(f"no {model._meta.verbose_name} with id {pk}") from None
+        raise UnknownMessage(f"{kind!r} is not a message kind: use {HANDLE_FORMS}")
+    # Compared as text first: a thousand-digit id must not reach int() or the database.
+    pk = int(digits) if len(digits) <= 19 else _MAX_ID + 1
+    found = (
+        model.objects.select_related("school").filter(pk=pk).first() if 0 < pk <= _MAX_ID else None
+    )
+    if found is None:
+        raise UnknownMessage(f"no {kind} with id {digits}")
+    return found
 
 
 def mailings_of(obj: Mailing | Slip | Broadcast) -> QuerySet[Mailing]:

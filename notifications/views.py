@@ -20,13 +20,33 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+def _bearer(request: HttpRequest) -> str:
+    """How the request stands with ``EDSMART_METRICS_TOKEN``: "disabled" (no token is
+    configured), "missing", "wrong" or "ok"."""
+    token = settings.EDSMART_METRICS_TOKEN
+    if not token:
+        return "disabled"
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return "missing"
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return "wrong"
+    return "ok"
+
+
 @never_cache
 @require_GET
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Database, Redis, beat and workers; 503 naming what failed. Reveals no secrets."""
+    """Database, Redis, beat and workers: 200 when all pass, 503 when any fails.
+
+    Anyone sees the status and which checks failed; the details (worker host names, error
+    texts) need the metrics token, ``Authorization: Bearer $EDSMART_METRICS_TOKEN``. A missing
+    or wrong token still gets the status, so a plain uptime probe keeps working.
+    """
     ok, checks = health.readiness()
+    shown = checks if _bearer(request) == "ok" else health.public(checks)
     return JsonResponse(
-        {"status": "ok" if ok else "fail", "checks": checks}, status=200 if ok else 503
+        {"status": "ok" if ok else "fail", "checks": shown}, status=200 if ok else 503
     )
 
 
@@ -34,14 +54,13 @@ def readyz(request: HttpRequest) -> JsonResponse:
 @require_GET
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """Prometheus text format behind a bearer token; without a configured token, no endpoint."""
-    token = settings.EDSMART_METRICS_TOKEN
-    if not token:
+    state = _bearer(request)
+    if state == "disabled":
         raise Http404("metrics are not enabled")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
+    if state == "missing":
         response = HttpResponse("bearer token required\n", status=401, content_type="text/plain")
         response["WWW-Authenticate"] = 'Bearer realm="metrics"'
         return response
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if state == "wrong":
         return HttpResponse("wrong token\n", status=403, content_type="text/plain")
     return HttpResponse(metrics.render(), content_type=CONTENT_TYPE_LATEST)

@@ -1,10 +1,41 @@
 """Bounces and complaints from the mail provider: suppress the address everywhere.
 
 Mailgun's tracking webhook (through django-anymail) is wired at
-``/webhooks/anymail/mailgun/tracking/``. Anymail checks Mailgun's HMAC-SHA256 signature with
-``ANYMAIL["MAILGUN_WEBHOOK_SIGNING_KEY"]`` (and HTTP basic auth too when
-``ANYMAIL["WEBHOOK_SECRET"]`` is set) before any event reaches us; a bad signature is a 400.
-Without a signing key the endpoint answers 404 rather than accepting unsigned posts.
+``/webhooks/anymail/mailgun/tracking/``. Mailgun signs only a timestamp and a random token
+(HMAC-SHA256 with ``ANYMAIL["MAILGUN_WEBHOOK_SIGNING_KEY"]``), never the event itself, so a
+signature proves little on its own: a captured request could be replayed, with any recipient
+in its event, for ever. Before an event reaches the suppression below, every request must pass,
+in this order (any failure is a 4xx and nothing is suppressed):
+
+1. The endpoint exists at all: without a signing key it answers 404; with DEBUG off it also
+   answers 404, and logs an error, until ``ANYMAIL["WEBHOOK_SECRET"]`` (HTTP basic auth,
+   ``user:password`` in the URL Mailgun calls) is set. With DEBUG on, basic auth stays optional
+   so a developer can post signed events by hand.
+2. Basic auth, when configured (anymail's check): 400.
+3. A well-formed body: JSON only (Mailgun's pre-2018 form-encoded "legacy" webhooks are
+   refused), an object with a ``signature`` block whose ``timestamp`` is whole seconds, whose
+   ``token`` is printable ASCII and whose ``signature`` is 64 hex digits: 400 otherwise.
+4. The HMAC signature (anymail's check): 400.
+5. A fresh timestamp: at most ``MAX_AGE_SECONDS`` (5 minutes) old and at most
+   ``MAX_FUTURE_SECONDS`` ahead of our clock: 400 otherwise. Servers need NTP.
+6. A readable event: an ``event-data`` object with a string ``event``, a string (or absent)
+   ``recipient``, and whatever else anymail's parser can read without an exception: 400.
+7. A token never seen before: ``SET edsmart:webhook:mailgun:token:<token> NX EX``
+   (``TOKEN_TTL_SECONDS``, far longer than the 6-minute span in which a timestamp is accepted,
+   so a token cannot outlive its memory). A token seen before is a replay: 400.
+
+If handling a fresh event then fails (the database is away, say) the token is forgotten again
+and the error is a 500, so a redelivery of that same signed request is not taken for a replay
+(while its timestamp is still fresh).
+
+Redis unreachable: the request is refused with 503 and an error is logged. A replay guard that
+waved requests through whenever Redis was away would reopen the replay hole exactly when an
+attacker could arrange it, so it fails closed. Mailgun retries anything but 200 and 406, but its
+first retry comes 10 minutes later and (as far as is known; Mailgun does not document it)
+carries the original signature, which step 5 then refuses: an event refused with 503 (or 500)
+is in practice lost. That costs little here: Mailgun itself stops delivering to an address that
+hard-bounced or complained, and a later mail to a hard-bounced address comes back as a
+permanent failure (reason ``suppress-bounce``), which suppresses it here.
 
 A guardian row belongs to one school, but an address is one mailbox: a hard bounce or a
 complaint means nobody should mail it again, so every guardian with that normalized address,
@@ -14,17 +45,29 @@ Staff reactivate an address by clearing ``suppressed_at`` on the guardian.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import time
+from typing import Any
 
-from anymail.exceptions import AnymailConfigurationError
+from anymail.exceptions import (
+    AnymailConfigurationError,
+    AnymailError,
+    AnymailWebhookValidationFailure,
+)
 from anymail.signals import AnymailTrackingEvent, EventType, RejectReason, tracking
 from anymail.utils import get_anymail_setting
+from anymail.webhooks.base import AnymailBasicAuthMixin
 from anymail.webhooks.mailgun import MailgunTrackingWebhookView
+from django.conf import settings
 from django.dispatch import receiver
 from django.http import Http404, HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
+from redis.exceptions import RedisError
 
+from edsmart.redis_client import redis_client
 from slips.models import Guardian, normalize_email
 
 log = logging.getLogger("edsmart.webhooks")
@@ -64,7 +107,7 @@ def on_tracking(
     reason = suppression_reason(event)
     if reason is None or not event.recipient:
         return
-    reason = f"{reason} ({esp_name}, {timezone.now():%Y-%m-%d})"
+    reason = _storable(f"{reason} ({esp_name}, {timezone.now():%Y-%m-%d})")
     count = guardians_suppress(email=event.recipient, reason=reason)
     log.warning(
         "suppressed %s guardian(s) after %s",
@@ -72,6 +115,166 @@ def on_tracking(
         event.event_type,
         extra={"event_type": event.event_type, "provider_message_id": event.message_id},
     )
+
+
+def _storable(text: str) -> str:
+    """Text PostgreSQL will take: no NUL characters and no lone surrogates (either is an
+    exception in the driver, which would turn a provider's odd description into a 500)."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+
+
+# --- The Mailgun endpoint: configured, authenticated, well formed, signed, fresh, unseen ---
+
+# A signed timestamp is accepted from MAX_AGE_SECONDS before our clock to MAX_FUTURE_SECONDS
+# after it (clock skew); a token is remembered for TOKEN_TTL_SECONDS, well beyond that span.
+MAX_AGE_SECONDS = 5 * 60
+MAX_FUTURE_SECONDS = 60
+TOKEN_TTL_SECONDS = 60 * 60
+# Longest recipient looked up; real addresses stop at 254 characters.
+MAX_RECIPIENT_CHARS = 1000
+
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_TOKEN = re.compile(r"[!-~]{1,256}")  # printable ASCII, no spaces; Mailgun's are 50 hex digits
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")  # a hex SHA-256 HMAC
+
+# What anymail's JSON parser raises on shapes it does not expect (a list where it wants an
+# object, an unhashable event type, a timestamp of 1e400...). After our own checks these can
+# only come from a signed but malformed event, which is the sender's error: a 400.
+_PARSE_ERRORS = (
+    AnymailError,
+    ArithmeticError,
+    AttributeError,
+    LookupError,
+    OSError,
+    TypeError,
+    ValueError,
+)
+
+
+class ReplayGuardUnavailable(Exception):
+    """Redis could not say whether a token was seen before."""
+
+
+def _refuse(message: str) -> AnymailWebhookValidationFailure:
+    # A SuspiciousOperation: Django answers 400 and logs it on django.security.
+    return AnymailWebhookValidationFailure(f"Mailgun webhook refused: {message}")
+
+
+def _payload(request: HttpRequest) -> tuple[dict[str, Any], int, str]:
+    """The JSON body, its signed timestamp and its token, or a 400 for anything else."""
+    if request.content_type != "application/json":
+        raise _refuse("not a JSON body (legacy form-encoded webhooks are not accepted)")
+    try:
+        payload = json.loads(request.body.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, or absurdly deep nesting
+        raise _refuse("body is not valid UTF-8 JSON") from err
+    if not isinstance(payload, dict):
+        raise _refuse("body is not a JSON object")
+    signature = payload.get("signature")
+    if not isinstance(signature, dict):
+        raise _refuse("no signature block")
+    timestamp, token, digest = (signature.get(k) for k in ("timestamp", "token", "signature"))
+    if isinstance(timestamp, int) and not isinstance(timestamp, bool) and timestamp >= 0:
+        timestamp = str(timestamp)
+    if not (isinstance(timestamp, str) and _TIMESTAMP.fullmatch(timestamp)):
+        raise _refuse("signature timestamp is not whole seconds")
+    if not (isinstance(token, str) and _TOKEN.fullmatch(token)):
+        raise _refuse("signature token is not printable ASCII")
+    if not (isinstance(digest, str) and _SIGNATURE.fullmatch(digest)):
+        raise _refuse("signature is not a hex HMAC-SHA256")
+    if not isinstance(payload.get("event-data"), dict):
+        raise _refuse("no event-data object")
+    return payload, int(timestamp), token
+
+
+def _check_fresh(timestamp: int) -> None:
+    age = time.time() - timestamp
+    if age > MAX_AGE_SECONDS or age < -MAX_FUTURE_SECONDS:
+        log.warning(
+            "Mailgun webhook refused: signed %+d s from now, outside -%d..+%d s "
+            "(a replay, or a wrong clock)",
+            -int(age),
+            MAX_AGE_SECONDS,
+            MAX_FUTURE_SECONDS,
+            extra={"signed_at": timestamp},
+        )
+        raise _refuse("signature timestamp outside the accepted window")
+
+
+def _clean_text(value: object) -> bool:
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON allows as \ud800
+        return False
+    return True
+
+
+def _token_key(token: str) -> str:
+    return f"edsmart:webhook:mailgun:token:{token}"
+
+
+def _claim_token(token: str) -> bool:
+    """True the first time this token is seen; ReplayGuardUnavailable if Redis is away."""
+    try:
+        return bool(redis_client().set(_token_key(token), 1, nx=True, ex=TOKEN_TTL_SECONDS))
+    except RedisError as err:
+        raise ReplayGuardUnavailable from err
+
+
+def _forget_token(token: str) -> None:
+    try:
+        redis_client().delete(_token_key(token))
+    except RedisError:
+        log.exception("could not forget Mailgun webhook token after a failure")
+
+
+class GuardedMailgunTrackingView(MailgunTrackingWebhookView):
+    """Anymail's Mailgun tracking view, with the checks in the module docstring around it."""
+
+    def post(self, request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
+        # Basic auth before anything else, so an unauthenticated caller learns nothing more.
+        AnymailBasicAuthMixin.validate_request(self, request)
+        payload, timestamp, token = _payload(request)
+        self.run_validators(request)  # anymail: basic auth again, then the HMAC signature
+        _check_fresh(timestamp)
+        event = self._event(payload)
+        try:
+            fresh = _claim_token(token)
+        except ReplayGuardUnavailable:
+            log.exception("Mailgun webhook refused with 503: Redis (the replay guard) is away")
+            return HttpResponse("replay guard unavailable", status=503, content_type="text/plain")
+        if not fresh:
+            log.warning(
+                "Mailgun webhook refused: token already used (a replay)",
+                extra={"event_type": event.event_type, "provider_message_id": event.message_id},
+            )
+            raise _refuse("token already used")
+        try:
+            self.signal.send(sender=self.__class__, event=event, esp_name=self.esp_name)
+        except BaseException:
+            _forget_token(token)  # let a redelivery of this same request be processed
+            raise
+        return HttpResponse()
+
+    def _event(self, payload: dict[str, Any]) -> AnymailTrackingEvent:
+        data = payload["event-data"]
+        if not isinstance(data.get("event"), str):
+            raise _refuse("event-data has no event type")
+        for field in ("severity", "reason"):  # looked up in anymail's dicts: must be hashable
+            if data.get(field) is not None and not isinstance(data[field], str):
+                raise _refuse(f"event-data {field} is not a string")
+        try:
+            event = self.esp_to_anymail_event(payload)
+        except _PARSE_ERRORS as err:
+            raise _refuse("event-data could not be read") from err
+        recipient = event.recipient
+        if recipient is not None and not (
+            _clean_text(recipient) and len(recipient) <= MAX_RECIPIENT_CHARS
+        ):
+            raise _refuse("event-data recipient is not a plausible address")
+        return event
 
 
 def _mailgun_configured() -> bool:
@@ -84,12 +287,27 @@ def _mailgun_configured() -> bool:
     return False
 
 
-_mailgun_view = MailgunTrackingWebhookView.as_view()
+def _basic_auth_configured() -> bool:
+    secret = get_anymail_setting("webhook_secret", default=None)
+    if isinstance(secret, str):
+        return bool(secret)
+    return bool(secret) and all(isinstance(s, str) and s for s in secret)
+
+
+_mailgun_view = GuardedMailgunTrackingView.as_view()
 
 
 @csrf_exempt
 def mailgun_tracking(request: HttpRequest) -> HttpResponse:
-    """Anymail's Mailgun tracking view, refused outright until a signing key is configured."""
+    """The guarded Mailgun tracking view, refused outright until it is configured: a signing
+    key always, and basic auth too unless DEBUG is on."""
     if not _mailgun_configured():
+        raise Http404("webhook not configured")
+    if not settings.DEBUG and not _basic_auth_configured():
+        log.error(
+            "Mailgun webhook refused (404): basic auth is required when DEBUG is off; "
+            "set ANYMAIL['WEBHOOK_SECRET'] (env ANYMAIL_WEBHOOK_SECRET) to 'user:password' "
+            "and put it in the webhook URL configured at Mailgun"
+        )
         raise Http404("webhook not configured")
     return _mailgun_view(request)

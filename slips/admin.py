@@ -6,6 +6,11 @@ so that their admins are registered: Django's autodiscover imports only ``slips.
 
 Kept thin: a school's sending switch goes through ``notifications.controls``. The CSV columns
 of responses are shared with the slips' export action, so they live in ``slips.admin_messages``.
+
+Roles (see ``edsmart.admin_tenancy`` and docs/security.md): only a school's admins change the
+school (its name, sender address, time zone, quiet hours, sending switch) and undo bounce and
+complaint suppressions; admins and office staff keep the people (students, guardians) up to
+date; every member, teachers included, works on groups, audiences, messages and answers.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
 from edsmart.admin_tenancy import (
+    ADMIN_ONLY,
     HistoryInline,
     ReadOnlyTenantAdmin,
     SuperuserOnlyAdmin,
     TenantAdmin,
+    has_role,
     is_ops,
-    user_memberships,
+    school_ids_with_role,
 )
 from notifications import controls
 
@@ -42,12 +49,18 @@ from slips.models import (
 # --- School and Membership -----------------------------------------------------------------------
 
 
+# Who keeps the people (students and guardians, with their contact details) up to date.
+PEOPLE_ROLES = (Membership.Role.ADMIN, Membership.Role.OFFICE)
+
+
 @admin.register(School)
 class SchoolAdmin(TenantAdmin):
-    """Staff see and edit their own schools; only ops create or delete one."""
+    """Members see their own schools; only a school's admins change one (its sender address is
+    the Reply-To of every email); only ops create or delete one."""
 
     staff_can_add = False
     staff_can_delete = False
+    edit_roles = ADMIN_ONLY
     list_display = ("name", "slug", "time_zone", "sender_name", "sending_paused")
     search_fields = ("name", "slug")
     actions = ["pause_sending", "resume_sending"]
@@ -60,14 +73,11 @@ class SchoolAdmin(TenantAdmin):
         return readonly
 
     def has_pause_permission(self, request: HttpRequest) -> bool:
-        return is_ops(request) or Membership.Role.ADMIN in user_memberships(request).values()
+        return has_role(request, ADMIN_ONLY)
 
     def _set_paused(self, request: HttpRequest, queryset: QuerySet[School], paused: bool) -> None:
         if not is_ops(request):
-            roles = user_memberships(request)
-            queryset = queryset.filter(
-                pk__in=[pk for pk, role in roles.items() if role == Membership.Role.ADMIN]
-            )
+            queryset = queryset.filter(pk__in=school_ids_with_role(request, ADMIN_ONLY))
         names = []
         for school in queryset:
             controls.sending_set_paused(
@@ -106,6 +116,7 @@ class MembershipAdmin(SuperuserOnlyAdmin):
 
 @admin.register(Student)
 class StudentAdmin(TenantAdmin):
+    edit_roles = PEOPLE_ROLES
     list_display = ("last_name", "first_name", "year_level", "external_id")
     list_filter = ("year_level", ("groups", admin.RelatedOnlyFieldListFilter))
     search_fields = ("first_name", "last_name", "external_id")
@@ -137,6 +148,11 @@ class SuppressedFilter(admin.SimpleListFilter):
 
 @admin.register(Guardian)
 class GuardianAdmin(TenantAdmin):
+    """Guardians and their addresses. A suppressed address (hard bounce, complaint) stays
+    suppressed until a school admin reactivates it; nobody else may change its email either,
+    which would let the same address in again on a new row."""
+
+    edit_roles = PEOPLE_ROLES
     list_display = ("name", "email", "phone", "receives_email", "suppressed", "suppressed_reason")
     list_filter = ("receives_email", SuppressedFilter)
     search_fields = ("name", "email_normalized", "phone")
@@ -157,6 +173,19 @@ class GuardianAdmin(TenantAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Guardian]:
         return super().get_queryset(request).prefetch_related("students")
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Guardian | None = None) -> tuple:
+        readonly = tuple(super().get_readonly_fields(request, obj))
+        if (
+            obj is not None
+            and obj.suppressed_at is not None
+            and not has_role(request, ADMIN_ONLY, obj.school_id)
+        ):
+            readonly = ("email", *readonly)
+        return readonly
+
+    def has_reactivate_permission(self, request: HttpRequest) -> bool:
+        return has_role(request, ADMIN_ONLY)
+
     @admin.display(boolean=True, description="suppressed", ordering="suppressed_at")
     def suppressed(self, obj: Guardian) -> bool:
         return obj.suppressed_at is not None
@@ -166,11 +195,23 @@ class GuardianAdmin(TenantAdmin):
         row[-1] = "; ".join(s.full_name for s in obj.students.all())
         return row
 
-    @admin.action(description="Reactivate suppressed addresses (mail will be sent again)")
+    @admin.action(
+        description="Reactivate suppressed addresses (mail will be sent again)",
+        permissions=["reactivate"],
+    )
     def reactivate(self, request: HttpRequest, queryset: QuerySet[Guardian]) -> None:
-        count = queryset.filter(suppressed_at__isnull=False).update(
-            suppressed_at=None, suppressed_reason=""
-        )
+        suppressed = queryset.filter(suppressed_at__isnull=False)
+        if not is_ops(request):
+            # A user who is an admin in one school and not in another: only the first.
+            suppressed = suppressed.filter(school_id__in=school_ids_with_role(request, ADMIN_ONLY))
+        count = 0
+        for guardian in suppressed:
+            reason = guardian.suppressed_reason
+            guardian.suppressed_at, guardian.suppressed_reason = None, ""
+            guardian.save(update_fields=["suppressed_at", "suppressed_reason"])
+            # The guardian's history then says who undid which suppression.
+            self.log_change(request, guardian, f"Reactivated the address (was: {reason}).")
+            count += 1
         self.message_user(request, f"Reactivated {count} suppressed addresses.")
 
 

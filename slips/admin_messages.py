@@ -26,7 +26,11 @@ from django.urls import path, reverse
 
 from edsmart.admin_tenancy import TenantAdmin, csv_response, restrict
 from notifications import controls
-from notifications.admin import render_delivery_counts, render_delivery_log
+from notifications.admin import (
+    MessageHandleAdminMixin,
+    render_delivery_counts,
+    render_delivery_log,
+)
 from slips import services
 from slips.admin_answers import BroadcastReachAdminMixin, SlipAnswersAdminMixin
 from slips.audiences import audience_recipient_count
@@ -91,7 +95,7 @@ TRANSITIONS: dict[str, Transition] = {
 }
 
 
-class SendableAdmin(TenantAdmin):
+class SendableAdmin(MessageHandleAdminMixin, TenantAdmin):
     """What slip and broadcast pages share: the audience, recipients, timing, transitions and,
     once dispatched, the delivery counts and per-recipient log.
 
@@ -102,7 +106,7 @@ class SendableAdmin(TenantAdmin):
     form = SendableAdminForm
     change_form_template = "admin/slips/sendable_change_form.html"
     content_fields: tuple[str, ...] = ("school", "title", "body", "audience", "send_at")
-    list_display = ("title", "status", "send_at", "audience", "created_at")
+    list_display = ("title", "message_handle", "status", "send_at", "audience", "created_at")
     list_filter = ("status", ("audience", admin.RelatedOnlyFieldListFilter))
     search_fields = ("title",)
     autocomplete_fields = ("audience",)
@@ -112,16 +116,20 @@ class SendableAdmin(TenantAdmin):
     status_fields = ("status", "recipients", "created_by", "dispatched_at", "completed_at")
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> list:
+        # Once saved, the handle (``slip:3``) that the ops commands take heads the status.
+        status_fields = (
+            self.status_fields if obj is None else ("message_handle", *self.status_fields)
+        )
         fieldsets: list = [
             (None, {"fields": self.content_fields}),
-            ("Sending", {"fields": self.status_fields}),
+            ("Sending", {"fields": status_fields}),
         ]
         if obj is not None:
             fieldsets.append(("Deliveries", {"fields": ("delivery_counts", "delivery_log")}))
         return fieldsets
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple:
-        readonly = (*self.status_fields, "delivery_counts", "delivery_log")
+        readonly = ("message_handle", *self.status_fields, "delivery_counts", "delivery_log")
         if obj is not None and obj.status != SendStatus.DRAFT:
             readonly = (*self.content_fields, *readonly)
         return readonly
@@ -266,7 +274,15 @@ class SlipAdmin(SlipAnswersAdminMixin, SendableAdmin):
         "send_at",
         "due_at",
     )
-    list_display = ("title", "status", "send_at", "due_at", "audience", "created_at")
+    list_display = (
+        "title",
+        "message_handle",
+        "status",
+        "send_at",
+        "due_at",
+        "audience",
+        "created_at",
+    )
     actions = [*SendableAdmin.actions, "export_responses_csv"]
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> list:

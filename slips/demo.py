@@ -5,6 +5,12 @@ before it is created, so seeding twice leaves the database as seeding once did. 
 in through the real roster import, so the demo also exercises it.
 
 Addresses use the reserved ``example.org`` domain: nothing seeded here can reach a real person.
+
+It touches only schools it made. A demo school is recognised by its demo login: the member
+``<slug>-admin`` whose address is ``admin@<slug>.example.org`` (a reserved domain no real
+account has). Users and memberships are changed only by ops, so a school's own staff cannot
+make a real school look like a demo one. A password is set only when the login is created,
+never reset: seeding again, or with another ``DEMO_PASSWORD``, leaves it as it is.
 """
 
 from __future__ import annotations
@@ -44,11 +50,15 @@ _PARENT_NAMES = (
 )  # fmt: skip
 
 
+class NotADemoSchool(Exception):
+    """The school (or the demo login's username) exists and was not made by ``demo_seed``."""
+
+
 @dataclass(frozen=True)
 class DemoResult:
     school: School
     username: str
-    password: str
+    password: str | None  # None: the login existed and its password is not the demo one now
     students: int
     guardians: int
     groups: int
@@ -118,31 +128,64 @@ def demo_roster_csv(*, families: int) -> str:
     return out.getvalue()
 
 
+def demo_username(slug: str) -> str:
+    return f"{slug}-admin"
+
+
+def demo_login_email(slug: str) -> str:
+    return f"admin@{slug}.example.org"
+
+
+def is_demo_school(school: School) -> bool:
+    """Whether ``demo_seed`` made this school: its demo login is a member of it."""
+    return Membership.objects.filter(
+        school=school,
+        user__username=demo_username(school.slug),
+        user__email__iexact=demo_login_email(school.slug),
+    ).exists()
+
+
 def demo_seed(*, slug: str = "demo", families: int = 20) -> DemoResult:
-    """Create or bring up to date the demo school; safe to run any number of times."""
+    """Create or bring up to date the demo school; safe to run any number of times.
+
+    Raises ``NotADemoSchool`` for a school, or a ``<slug>-admin`` user, that it did not make.
+    """
     if families < 1:
         raise ValueError("A demo school needs at least one family.")
-    password = demo_password()
+    username = demo_username(slug)
     with transaction.atomic():
-        school, _ = School.objects.get_or_create(
-            slug=slug,
-            defaults={
-                "name": f"{slug.replace('-', ' ').title()} Primary School",
-                "time_zone": "Australia/Sydney",
-                "sender_name": f"{slug.replace('-', ' ').title()} Primary Office",
-                "sender_email": f"office@{slug}.example.org",
-            },
-        )
-        username = f"{slug}-admin"
-        user, _ = get_user_model().objects.get_or_create(
-            username=username,
-            defaults={"email": f"admin@{slug}.example.org", "is_staff": True},
-        )
-        # Reset on every run so the login printed below is always the one that works.
-        user.is_staff = True
-        user.set_password(password)
-        user.save()
-        Membership.objects.update_or_create(
+        school = School.objects.select_for_update().filter(slug=slug).first()
+        if school is not None and not is_demo_school(school):
+            raise NotADemoSchool(
+                f"School '{slug}' exists and was not made by seed_demo (it has no demo login "
+                f"{username} <{demo_login_email(slug)}>); it is left alone. Pick another slug."
+            )
+        user = get_user_model().objects.filter(username=username).first()
+        if user is not None and user.email.lower() != demo_login_email(slug).lower():
+            raise NotADemoSchool(
+                f"A user {username} exists and is not a demo login (its address is not "
+                f"{demo_login_email(slug)}); it is left alone. Pick another slug."
+            )
+        if school is None:
+            school = School.objects.create(
+                slug=slug,
+                name=f"{slug.replace('-', ' ').title()} Primary School",
+                time_zone="Australia/Sydney",
+                sender_name=f"{slug.replace('-', ' ').title()} Primary Office",
+                sender_email=f"office@{slug}.example.org",
+            )
+        password: str | None = demo_password()
+        if user is None:
+            user = get_user_model().objects.create_user(
+                username=username,
+                email=demo_login_email(slug),
+                password=password,
+                is_staff=True,
+            )
+        elif not user.check_password(password):
+            # Never reset: someone changed it, or DEMO_PASSWORD differs from the first run.
+            password = None
+        Membership.objects.get_or_create(
             user=user, school=school, defaults={"role": Membership.Role.ADMIN}
         )
         for year in YEAR_LEVELS:

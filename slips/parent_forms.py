@@ -4,6 +4,9 @@ Fields are named by student id (``consent_<id>``, ``answer_<id>``) so one POST a
 several children. Any such field naming a student the link does not cover is reported by
 ``foreign_student_ids`` and the whole request is refused, so a crafted POST cannot answer for
 another family's child.
+
+Submitted field names are anyone's input: ids in them are compared as text, never converted
+with ``int()``, which refuses more than 4,300 digits (``consent_`` and 5,000 digits was a 500).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from slips.links import Child
 
 YES, NO = "yes", "no"
 MAX_ANSWER_LENGTH = 2000
-_FIELD = re.compile(r"^(?:consent|answer)_(\d+)$")
+# ASCII digits only: ``\d`` would also take other scripts' digits, which int() reads as numbers.
+_FIELD = re.compile(r"(?:consent|answer)_([0-9]+)", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,16 @@ class SlipAnswerForm(forms.Form):
                     widget=forms.Textarea(attrs={"rows": 3}),
                 )
 
-    def foreign_student_ids(self) -> set[int]:
-        """Student ids named by submitted fields that this page does not cover."""
-        covered = {c.student.pk for c in self.children}
-        named = {int(m.group(1)) for key in self.data if (m := _FIELD.match(key))}
+    def foreign_student_ids(self) -> set[str]:
+        """Student ids (as text, without leading zeros) named by submitted fields that this
+        page does not cover. Never converted to numbers: a crafted name may hold any number of
+        digits."""
+        covered = {str(c.student.pk) for c in self.children}
+        named = {
+            m.group(1).lstrip("0") or "0"
+            for key in self.data
+            if isinstance(key, str) and (m := _FIELD.fullmatch(key))
+        }
         return named - covered
 
     def blocks(self) -> list[Block]:

@@ -11,10 +11,12 @@ from collections.abc import Callable
 from functools import wraps
 
 from django.contrib import messages
-from django.core.exceptions import ValidationError
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.core.exceptions import BadRequest, SuspiciousOperation, ValidationError
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, UnreadablePostError
+from django.http.multipartparser import MultiPartParserError
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_http_methods
 
 from notifications.models import Delivery, Mailing
@@ -49,9 +51,47 @@ def _parent_headers(view: Callable[..., HttpResponse]) -> Callable[..., HttpResp
     return wrapped
 
 
+# What Django raises for a body it cannot parse: a charset it refuses or cannot decode with,
+# broken multipart, too many fields or bytes, a connection gone mid-body.
+UNPARSABLE_BODY = (
+    BadRequest,
+    SuspiciousOperation,
+    MultiPartParserError,
+    UnreadablePostError,
+    LookupError,
+    UnicodeError,
+    ValueError,
+)
+
+
+def _parsable_body(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """A POST whose body cannot be parsed gets the 400 page, before anything else reads it.
+
+    Django's CSRF check reads ``request.POST``; for some bodies (``application/
+    x-www-form-urlencoded; charset=latin-1``, say) that raises ``BadRequest`` again on every
+    read, and the 400 handler, which runs the CSRF check once more, turned it into a 500. So the
+    view is exempt from the middleware's check and makes the same check itself (``csrf_protect``
+    below this), once the body is known to parse.
+    """
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
+        if request.method == "POST":
+            try:
+                request.POST  # noqa: B018 (parsed here, once, to catch what it raises)
+            except UNPARSABLE_BODY:
+                return render(request, "slips/parent/bad_request.html", status=400)
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+@csrf_exempt  # only from the middleware: csrf_protect below checks every POST that parses
 @never_cache
 @_parent_headers
 @require_http_methods(["GET", "HEAD", "POST"])
+@_parsable_body
+@csrf_protect
 def parent_page(request: HttpRequest, token: str) -> HttpResponse:
     try:
         delivery = links.link_resolve(token=token)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 import zoneinfo
 from collections import Counter
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
+from django.test import override_settings
 from django.utils import timezone
 
 from slips.audiences import audience_recipients
@@ -39,8 +41,10 @@ def row_counts() -> dict[str, int]:
 
 
 def seed(*args: str) -> str:
+    """seed_demo as the dev stack runs it: with DEBUG on (it refuses otherwise, see below)."""
     out = io.StringIO()
-    call_command("seed_demo", *args, stdout=out)
+    with override_settings(DEBUG=True):
+        call_command("seed_demo", *args, stdout=out)
     return out.getvalue()
 
 
@@ -114,12 +118,19 @@ def compose(*args: str) -> str:
     return out.getvalue()
 
 
+def _id_from_handle(output: str, *, kind: str) -> int:
+    """The id in compose's output, which must be exactly one handle of ``kind`` (``slip:3``)."""
+    match = re.fullmatch(rf"{kind}:([0-9]+)\n", output)
+    assert match, f"compose printed {output!r}, not one {kind}:N handle"
+    return int(match.group(1))
+
+
 def message_counts() -> tuple[int, int, int]:
     return Slip.objects.count(), Broadcast.objects.count(), Audience.objects.count()
 
 
 @pytest.mark.django_db
-def test_compose_slip_for_whole_school_schedules_it_and_prints_only_the_id(family_school):
+def test_compose_slip_for_whole_school_schedules_it_and_prints_only_its_handle(family_school):
     before = timezone.now()
 
     output = compose(
@@ -132,7 +143,7 @@ def test_compose_slip_for_whole_school_schedules_it_and_prints_only_the_id(famil
     )  # fmt: skip
 
     slip = Slip.objects.get()
-    assert output == f"{slip.pk}\n"
+    assert output == f"slip:{slip.pk}\n"
     assert slip.status == SendStatus.SCHEDULED
     assert slip.school == family_school and slip.created_by is None
     assert slip.audience.whole_school and slip.audience.school == family_school
@@ -158,8 +169,8 @@ def test_compose_broadcast_for_a_group_reads_naive_times_in_the_school_zone(fami
         "--send-at", "2099-06-01T08:30",
     ]  # fmt: skip
 
-    first_id = int(compose(*args))
-    second_id = int(compose(*args))
+    first_id = _id_from_handle(compose(*args), kind="broadcast")
+    second_id = _id_from_handle(compose(*args), kind="broadcast")
 
     first, second = Broadcast.objects.get(pk=first_id), Broadcast.objects.get(pk=second_id)
     assert first.status == second.status == SendStatus.SCHEDULED
@@ -177,7 +188,7 @@ def test_compose_honours_an_explicit_offset(family_school):
         "--body", "B", "--send-at", "2099-06-01T08:30Z", "--due", "2099-06-02T10:00+10:00",
     )  # fmt: skip
 
-    slip = Slip.objects.get(pk=int(pk))
+    slip = Slip.objects.get(pk=_id_from_handle(pk, kind="slip"))
     assert slip.send_at == dt.datetime(2099, 6, 1, 8, 30, tzinfo=dt.UTC)
     assert slip.due_at == dt.datetime(2099, 6, 2, 0, 0, tzinfo=dt.UTC)
 
@@ -243,3 +254,97 @@ def test_seed_demo_schedules_one_demo_slip_that_reaches_every_address(smtp, redi
     addresses = {r.email_normalized for r in audience_recipients(slip.audience)}
     assert {a.rcpt for a in smtp.accepted} == addresses
     assert len(smtp.accepted) == len(addresses)
+
+
+# --- seed_demo touches only what it made (issue 13) ----------------------------------------------
+
+
+def seed_without_debug(*args: str) -> str:
+    out = io.StringIO()
+    with override_settings(DEBUG=False):
+        call_command("seed_demo", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_seed_demo_refuses_with_debug_off_unless_forced(monkeypatch):
+    monkeypatch.delenv("DEMO_PASSWORD", raising=False)
+    before = row_counts()
+    with pytest.raises(CommandError, match="DEBUG is off"):
+        seed_without_debug()
+    assert row_counts() == before
+    assert not Slip.objects.exists()
+
+    output = seed_without_debug("--force")
+
+    assert "username demo-admin password edsmart-demo" in output
+    assert School.objects.filter(slug="demo").exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("force", [False, True])
+def test_seed_demo_leaves_a_school_it_did_not_make_alone(force):
+    """The issue: `seed_demo --school <real school>` reset <slug>-admin's password to the
+    published one and scheduled a slip to the whole school."""
+    real = factories.make_school(slug="northside")
+    head = get_user_model().objects.create_user(
+        "northside-admin", email="head@northside.edu.au", password="the-heads-own-password"
+    )
+    Membership.objects.create(user=head, school=real, role=Membership.Role.ADMIN)
+    factories.make_family(school=real, children=2, guardians=1)
+    before = row_counts()
+
+    with pytest.raises(CommandError, match="not made by seed_demo"):
+        if force:
+            seed_without_debug("--school", "northside", "--force")
+        else:
+            seed("--school", "northside")
+
+    assert row_counts() == before
+    head.refresh_from_db()
+    assert head.check_password("the-heads-own-password")
+    assert not Slip.objects.exists() and not Audience.objects.exists()
+
+
+@pytest.mark.django_db
+def test_seed_demo_refuses_a_real_school_even_without_its_admin_login():
+    factories.make_school(slug="southside")
+    before = row_counts()
+    with pytest.raises(CommandError, match="not made by seed_demo"):
+        seed("--school", "southside")
+    assert row_counts() == before
+    assert not get_user_model().objects.filter(username="southside-admin").exists()
+
+
+@pytest.mark.django_db
+def test_seed_demo_does_not_take_over_an_existing_user_of_that_name():
+    user = get_user_model().objects.create_user(
+        "westside-admin", email="someone@westside.edu.au", password="their-own-password"
+    )
+    with pytest.raises(CommandError, match="not a demo login"):
+        seed("--school", "westside")
+    assert not School.objects.filter(slug="westside").exists()
+    user.refresh_from_db()
+    assert user.check_password("their-own-password") and not user.is_staff
+
+
+@pytest.mark.django_db
+def test_seed_demo_never_resets_a_password(monkeypatch):
+    monkeypatch.delenv("DEMO_PASSWORD", raising=False)
+    seed("--families", "2")
+    user = get_user_model().objects.get(username="demo-admin")
+    user.set_password("changed-after-seeding")
+    user.save()
+    counts = row_counts()
+
+    output = seed("--families", "2")
+    monkeypatch.setenv("DEMO_PASSWORD", "yet-another-one")
+    again = seed("--families", "2")
+
+    user.refresh_from_db()
+    assert user.check_password("changed-after-seeding")
+    for out in (output, again):
+        assert "password was changed since it was seeded" in out
+        assert "edsmart-demo" not in out and "yet-another-one" not in out
+    assert row_counts() == counts
+    assert Slip.objects.filter(school__slug="demo").count() == 1

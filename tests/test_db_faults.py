@@ -70,15 +70,21 @@ DB_ERROR = re.compile(
     re.MULTILINE,
 )
 OPS = "ops@dbfaults.example.org"
+METRICS_TOKEN = "db-faults-metrics-token-0123456789"
 SETTINGS = {
     **BASE,
-    # The record of a reply is retried for half the submit lease (production: EMAIL_TIMEOUT*3
-    # + 30 s, so half a minute); 10 s here covers a restart, not the long outage below.
+    # A submitting row is an unknown after this; the batch still records the reply it kept
+    # (for up to two minutes) once the database is back, settling it.
     "EDSMART_SUBMIT_LEASE_SECONDS": 10.0,
     # One batch at a time: at the fault one pool child is inside a batch and the other sits
     # between periodic tasks on an idle connection, which is the one nobody notices broke.
     "EDSMART_BATCH_PARALLELISM": 1,
-    "EDSMART_SWEEP_INTERVAL_SECONDS": 1.0,
+    # Production's sweep cadence, lease and staleness: with shorter ones a sweep soon after
+    # the restart re-nudged work whose nudges had failed with the database, which hid a stall
+    # of up to 17 s that a soak run found (Redis markers outliving the batches that set them).
+    "EDSMART_SWEEP_INTERVAL_SECONDS": 5.0,
+    "EDSMART_SWEEP_STALE_SECONDS": 15.0,
+    "EDSMART_CLAIM_LEASE_SECONDS": 8.0,
     "EDSMART_WATCH_INTERVAL_SECONDS": 1.0,
     "EDSMART_HEARTBEAT_INTERVAL_SECONDS": 1.0,
 }
@@ -160,9 +166,11 @@ class DbRig(Rig):
         return web
 
     def readyz(self) -> tuple[int, dict]:
+        """/readyz as ops read it: with the metrics token, which shows each check's detail."""
         url = f"http://127.0.0.1:{self.web_port}/readyz"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - http://127.0.0.1
                 return response.status, json.load(response)
         except urllib.error.HTTPError as error:
             return error.code, json.load(error)
@@ -276,6 +284,7 @@ def db_rig(request, private_pg, smtp, settings, monkeypatch, django_db_blocker) 
             "DEBUG": "0",
             "LOG_JSON": "0",
             "LOG_LEVEL": "INFO",
+            "EDSMART_METRICS_TOKEN": METRICS_TOKEN,
         }
         procs = Processes(workdir=workdir, env=env)
         rig = DbRig(

@@ -35,10 +35,16 @@ def test_healthz_needs_nothing_but_the_process(client):
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
+def with_token(settings) -> dict[str, str]:
+    """/readyz shows its details only to a caller with the metrics token."""
+    settings.EDSMART_METRICS_TOKEN = TOKEN
+    return {"HTTP_AUTHORIZATION": f"Bearer {TOKEN}"}
+
+
 @pytest.mark.django_db
-def test_readyz_passes_when_everything_is_fresh(client, redis_client):
+def test_readyz_passes_when_everything_is_fresh(client, settings, redis_client):
     fresh()
-    response = client.get("/readyz")
+    response = client.get("/readyz", **with_token(settings))
     assert response.status_code == 200, response.json()
     body = response.json()
     assert body["status"] == "ok"
@@ -51,7 +57,7 @@ def test_readyz_fails_on_a_stale_beat_and_says_so(client, settings, redis_client
     settings.EDSMART_BEAT_MAX_AGE_SECONDS = 120
     fresh()
     age("beat", 300)
-    response = client.get("/readyz")
+    response = client.get("/readyz", **with_token(settings))
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["beat"]["ok"] is False and "too old" in checks["beat"]["detail"]
@@ -73,11 +79,50 @@ def test_readyz_fails_when_no_worker_was_seen_recently(client, redis_client):
 def test_readyz_fails_when_redis_is_unreachable(client, settings):
     fresh()
     settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
-    response = client.get("/readyz")
+    response = client.get("/readyz", **with_token(settings))
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["redis"]["ok"] is False and "ConnectionError" in checks["redis"]["detail"]
     assert checks["database"]["ok"] is True
+
+
+@pytest.mark.django_db
+def test_readyz_tells_anyone_only_what_failed(client, settings):
+    """No worker host names and no error texts (hosts, ports) without the token; the status
+    code and which checks failed stay the same for everyone."""
+    fresh()
+    port = free_port()
+    settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+    settings.EDSMART_METRICS_TOKEN = TOKEN
+    for headers in ({}, {"HTTP_AUTHORIZATION": f"Bearer {TOKEN}x"}, {"HTTP_AUTHORIZATION": TOKEN}):
+        response = client.get("/readyz", **headers)
+        assert response.status_code == 503
+        assert response.json() == {
+            "status": "fail",
+            "checks": {
+                "database": {"ok": True},
+                "redis": {"ok": False},
+                "beat": {"ok": True},
+                "workers": {"ok": True},
+            },
+        }
+        body = response.content.decode()
+        assert "w1@test" not in body and str(port) not in body and "Error" not in body
+    detailed = client.get("/readyz", HTTP_AUTHORIZATION=f"Bearer {TOKEN}").json()
+    assert detailed["checks"]["workers"]["workers"] == ["w1@test"]
+    assert str(port) in detailed["checks"]["redis"]["detail"]
+
+
+@pytest.mark.django_db
+def test_readyz_without_a_configured_token_shows_no_details_to_anyone(client, settings):
+    fresh()
+    settings.EDSMART_METRICS_TOKEN = ""
+    response = client.get("/readyz", HTTP_AUTHORIZATION="Bearer ")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "checks": {name: {"ok": True} for name in ("database", "redis", "beat", "workers")},
+    }
 
 
 @pytest.mark.django_db

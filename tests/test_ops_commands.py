@@ -49,7 +49,9 @@ def test_school_pause(school, redis_client):
 
 def test_message_pause_by_mailing_or_source_ref(school, redis_client):
     b, mailing = _dispatched(school)
-    run("sending", "pause", "--message", str(mailing.pk))
+    assert f"broadcast:{b.pk} paused" in run(
+        "sending", "pause", "--message", f"mailing:{mailing.pk}"
+    )
     b.refresh_from_db()
     mailing.refresh_from_db()
     assert (b.status, mailing.status) == (SendStatus.PAUSED, Mailing.Status.PAUSED)
@@ -57,27 +59,32 @@ def test_message_pause_by_mailing_or_source_ref(school, redis_client):
     mailing.refresh_from_db()
     assert mailing.status == Mailing.Status.SENDING
     with pytest.raises(CommandError, match="no mailing with id"):
-        run("sending", "pause", "--message", "999999")
+        run("sending", "pause", "--message", "mailing:999999")
 
 
 @pytest.mark.django_db(transaction=True)
 def test_delivery_report_counts(school, smtp, redis_client):
     _, mailing = _dispatched(school, families=4)
     batch.batch_send(limit=3)
-    report = json.loads(run("delivery_report", "--message", str(mailing.pk), "--json"))
+    report = json.loads(run("delivery_report", "--message", f"mailing:{mailing.pk}", "--json"))
     assert report["totals"][S.SENT] == 3 and report["totals"][S.PENDING] == 1
+    [row] = report["mailings"]
+    assert (row["mailing"], row["handle"]) == (mailing.pk, f"mailing:{mailing.pk}")
+    assert row["message"] == f"broadcast:{mailing.broadcast_id}"
     text = run("delivery_report")
-    assert str(mailing.pk) in text and "total" in text
+    [line] = [line for line in text.splitlines() if line.startswith(f"mailing:{mailing.pk} ")]
+    assert f"broadcast:{mailing.broadcast_id}" in line and "total" in text
 
 
 def test_resolve_unknown_records_who_decided(school, redis_client):
     _, mailing = _dispatched(school, families=2)
     Delivery.objects.filter(mailing=mailing).update(status=S.UNKNOWN, last_error="stalled")
-    out = run("resolve_unknown", "--message", str(mailing.pk), "--mark-failed", "--actor", "amy")
+    handle = f"mailing:{mailing.pk}"
+    out = run("resolve_unknown", "--message", handle, "--mark-failed", "--actor", "amy")
     assert "Resolved 2" in out
     assert set(Delivery.objects.values_list("status", flat=True)) == {S.FAILED}
     assert DeliveryEvent.objects.filter(actor="amy", to_status=S.FAILED).count() == 2
-    assert "No unknown" in run("resolve_unknown", "--message", str(mailing.pk), "--mark-sent")
+    assert "No unknown" in run("resolve_unknown", "--message", handle, "--mark-sent")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -87,7 +94,7 @@ def test_resolve_unknown_resend_goes_out_again_with_same_message_id(school, smtp
     d = Delivery.objects.get()
     Delivery.objects.filter(pk=d.pk).update(status=S.UNKNOWN, last_error="stalled")
     smtp.handler.reset()
-    run("resolve_unknown", "--message", str(mailing.pk), "--resend")
+    run("resolve_unknown", "--message", f"mailing:{mailing.pk}", "--resend")
     batch.batch_send()
     d.refresh_from_db()
     assert d.status == S.SENT

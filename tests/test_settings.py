@@ -24,6 +24,7 @@ def _clean_env(**overrides: str) -> dict[str, str]:
         "CSRF_TRUSTED_ORIGINS",
         "SECURE_SSL_REDIRECT",
         "SECURE_HSTS_SECONDS",
+        "EDSMART_BEHIND_PROXY",
     }
     env = {k: v for k, v in os.environ.items() if k not in read_by_settings}
     env.update(overrides)
@@ -193,3 +194,69 @@ def test_prepare_threshold_from_a_url_query_becomes_a_number() -> None:
     env["DB_PREPARED_STATEMENTS"] = "0"
     result = _python(code, env)
     assert "prepare_threshold" not in result.stdout
+
+
+# --- the proxy header (issue 13) -----------------------------------------------------------------
+
+_PROBE = """
+import django
+django.setup()
+from django.conf import settings
+from django.test import Client
+
+response = Client().get(
+    "/no-such-page", HTTP_HOST="edsmart.example.org", HTTP_X_FORWARDED_PROTO="https"
+)
+print(getattr(settings, "SECURE_PROXY_SSL_HEADER", None))
+print(response.status_code, response.get("Location", ""))
+"""
+
+
+def _production_env(**overrides: str) -> dict[str, str]:
+    return _clean_env(
+        DEBUG="0",
+        SECRET_KEY=secrets.token_urlsafe(64),
+        ALLOWED_HOSTS="edsmart.example.org",
+        DJANGO_SETTINGS_MODULE="edsmart.settings",
+        **overrides,
+    )
+
+
+def test_a_forwarded_proto_header_does_not_skip_the_https_redirect_without_a_proxy() -> None:
+    """gunicorn binds 0.0.0.0: anyone reaching it straight could claim HTTPS with the header."""
+    result = _python(_PROBE, _production_env())
+    assert result.returncode == 0, result.stderr
+    header, answer = result.stdout.splitlines()[-2:]
+    assert header == "None"
+    assert answer == "301 https://edsmart.example.org/no-such-page"
+
+
+@pytest.mark.parametrize("flag", ["1", "yes"])
+def test_the_proxy_header_is_trusted_when_a_proxy_is_declared(flag: str) -> None:
+    result = _python(_PROBE, _production_env(EDSMART_BEHIND_PROXY=flag))
+    assert result.returncode == 0, result.stderr
+    header, answer = result.stdout.splitlines()[-2:]
+    assert header == "('HTTP_X_FORWARDED_PROTO', 'https')"
+    assert answer.startswith("404")  # taken as HTTPS: no redirect, the page is simply not there
+
+
+def test_behind_proxy_must_be_a_boolean() -> None:
+    result = _python("import edsmart.settings", _production_env(EDSMART_BEHIND_PROXY="nginx"))
+    assert result.returncode != 0
+    assert "EDSMART_BEHIND_PROXY must be a boolean" in result.stderr
+
+
+def test_check_deploy_is_clean_behind_a_proxy_too() -> None:
+    result = run_python(
+        "manage.py",
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        env=_production_env(EDSMART_BEHIND_PROXY="1"),
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "WARNINGS" not in output
+    assert "no issues" in output

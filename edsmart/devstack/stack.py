@@ -179,7 +179,9 @@ def cmd_run() -> int:
             if not debug:
                 _manage(["collectstatic", "--noinput", "-v", "0"], env)
             log("loading the demo school (seed_demo)")
-            seed_output = _manage(["seed_demo"], env, capture=True)
+            # seed_demo refuses with DEBUG off unless told: the dev stack is where it belongs.
+            seed_args = ["seed_demo"] if debug else ["seed_demo", "--force"]
+            seed_output = _manage(seed_args, env, capture=True)
 
         worker_ready = threading.Event()
         manager = Manager(printer=_make_printer(worker_ready))

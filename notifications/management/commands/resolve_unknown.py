@@ -1,4 +1,4 @@
-"""``resolve_unknown --message ID --mark-sent|--mark-failed|--resend``.
+"""``resolve_unknown --message HANDLE --mark-sent|--mark-failed|--resend``.
 
 A person decides what happened to deliveries whose outcome is unknown (the mail server may or
 may not have accepted them). Every decision is recorded as a delivery event with the actor.
@@ -20,7 +20,10 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--message", required=True, metavar="ID", help="mailing id, or slip:ID / broadcast:ID"
+            "--message",
+            required=True,
+            metavar="HANDLE",
+            help=f"the message: {selectors.HANDLE_FORMS}",
         )
         choice = parser.add_mutually_exclusive_group(required=True)
         choice.add_argument("--mark-sent", action="store_const", dest="resolution", const="sent")

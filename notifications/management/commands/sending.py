@@ -1,4 +1,4 @@
-"""``sending pause|resume|status [--school SLUG] [--message ID]``: the ops switches.
+"""``sending pause|resume|status [--school SLUG] [--message HANDLE]``: the ops switches.
 
 Without --school or --message, pause and resume act on the global switch.
 """
@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from notifications import controls, selectors
 from notifications.controls import message_pause, message_resume
 from notifications.models import Mailing
-from slips.models import School
+from slips.models import Broadcast, School, Slip
 
 
 class Command(BaseCommand):
@@ -24,7 +24,9 @@ class Command(BaseCommand):
         parser.add_argument("action", choices=["pause", "resume", "status"])
         target = parser.add_mutually_exclusive_group()
         target.add_argument("--school", metavar="SLUG")
-        target.add_argument("--message", metavar="ID", help="mailing id, or slip:ID / broadcast:ID")
+        target.add_argument(
+            "--message", metavar="HANDLE", help=f"the message: {selectors.HANDLE_FORMS}"
+        )
         parser.add_argument("--reason", default="", help="recorded with a global pause")
         parser.add_argument("--json", action="store_true", help="status as JSON")
 
@@ -52,16 +54,22 @@ class Command(BaseCommand):
             obj = selectors.message_lookup(ref)
         except selectors.UnknownMessage as exc:
             raise CommandError(str(exc)) from None
+        # A reminder round pauses alone; any other mailing stands for its whole slip or
+        # broadcast, which is what the output names.
         if isinstance(obj, Mailing) and obj.kind == Mailing.Kind.REMINDER:
+            target: Mailing | Slip | Broadcast = obj
             if not controls.mailing_set_paused(mailing=obj, paused=paused):
-                raise CommandError(f"Mailing {obj.pk} is {obj.status}; nothing to change.")
+                raise CommandError(
+                    f"{selectors.message_handle(obj)} is {obj.status}; nothing to change."
+                )
         else:
-            source = obj.source if isinstance(obj, Mailing) else obj
+            target = obj.source if isinstance(obj, Mailing) else obj
             try:
-                (message_pause if paused else message_resume)(message=source)
+                (message_pause if paused else message_resume)(message=target)
             except ValidationError as exc:
                 raise CommandError("; ".join(exc.messages)) from None
-        self.stdout.write(f"Message {ref} {'paused' if paused else 'resumed'}.")
+        handle = selectors.message_handle(target)
+        self.stdout.write(f"Message {handle} {'paused' if paused else 'resumed'}.")
 
     def _status(self, *, as_json: bool) -> None:
         status = selectors.sending_status()

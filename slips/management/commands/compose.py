@@ -1,6 +1,10 @@
-"""``compose slip|broadcast``: create and schedule one message from a script; prints its id.
+"""``compose slip|broadcast``: create and schedule one message from a script; prints its handle.
 
-Scripts depend on this interface (and on stdout being only the id), so keep both stable.
+The handle (``slip:3``, ``broadcast:3``) is what ``delivery_report``, ``sending`` and
+``resolve_unknown`` take as ``--message``, as it is. A bare id was ambiguous: slips, broadcasts
+and mailings each number from 1, and the ops commands read ``3`` as a mailing.
+
+Scripts depend on this interface (and on stdout being only the handle), so keep both stable.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
+from notifications.selectors import message_handle
 from slips.models import Audience, Broadcast, Group, School, Slip
 from slips.services import message_schedule
 
@@ -30,7 +35,8 @@ OPTION_FOR_FIELD = {
 class Command(BaseCommand):
     help = (
         "Create a slip or broadcast for a school's whole roster or one group, schedule it, and "
-        "print its id. Date-times without an offset are in the school's time zone; a date "
+        "print its handle (slip:N or broadcast:N), which the ops commands take as --message. "
+        "Date-times without an offset are in the school's time zone; a date "
         "alone means midnight for --send-at and the end of that day for --due."
     )
 
@@ -87,7 +93,7 @@ class Command(BaseCommand):
                 message = message_schedule(message=message, send_at=send_at)
         except ValidationError as exc:
             raise CommandError(_describe(exc)) from exc
-        self.stdout.write(str(message.pk))
+        self.stdout.write(message_handle(message))
 
 
 def _parse_when(raw: str, *, tz: zoneinfo.ZoneInfo, option: str, end_of_day: bool) -> dt.datetime:
