@@ -280,8 +280,14 @@ LOGGING = {
         "json": {"()": "edsmart.json_logs.JsonLineFormatter"},
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
+    # Parents' link tokens never reach a log line (edsmart/log_redaction.py).
+    "filters": {"parent_tokens": {"()": "edsmart.log_redaction.RedactParentTokens"}},
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "json" if LOG_JSON else "plain"}
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_JSON else "plain",
+            "filters": ["parent_tokens"],
+        }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"django.db.backends": {"level": "INFO"}},
