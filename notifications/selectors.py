@@ -23,6 +23,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from notifications.models import (
+    TERMINAL_STATUSES,
     Delivery,
     DeliveryEvent,
     DeliveryStatus,
@@ -286,6 +287,14 @@ def broadcast_reach(*, broadcast: Broadcast) -> BroadcastReach:
         failed=counts[S.FAILED],
         unknown=counts[S.UNKNOWN],
         opened=deliveries.filter(opened_at__isnull=False).count(),
+    )
+
+
+def mailing_has_open_rows() -> Exists:
+    """For a Mailing queryset: some delivery of the mailing can still change (not terminal).
+    What decides that a mailing is complete, or must be reopened."""
+    return Exists(
+        Delivery.objects.filter(mailing=OuterRef("pk")).exclude(status__in=list(TERMINAL_STATUSES))
     )
 
 

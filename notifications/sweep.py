@@ -16,8 +16,8 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from notifications import nudges, transitions
-from notifications.models import TERMINAL_STATUSES, Delivery, DeliveryStatus, Mailing
+from notifications import nudges, selectors, transitions
+from notifications.models import Delivery, DeliveryStatus, Mailing
 from slips.models import Broadcast, ReminderRound, SendStatus, Slip
 
 log = logging.getLogger("edsmart.pipeline")
@@ -89,11 +89,9 @@ def mailings_complete() -> int:
     Locks in the order every staff action does (see ``controls``): the source row first (the
     slip for a reminder round), then the round, then the mailing.
     """
-    open_rows = Delivery.objects.filter(mailing=OuterRef("pk")).exclude(
-        status__in=list(TERMINAL_STATUSES)
-    )
+    open_rows = selectors.mailing_has_open_rows()
     done = 0
-    candidates = Mailing.objects.filter(status=Mailing.Status.SENDING).filter(~Exists(open_rows))
+    candidates = Mailing.objects.filter(status=Mailing.Status.SENDING).filter(~open_rows)
     for mailing in candidates.only("pk", "slip_id", "broadcast_id", "round"):
         source_model = Slip if mailing.slip_id else Broadcast
         source_id = mailing.slip_id or mailing.broadcast_id
@@ -104,7 +102,7 @@ def mailings_complete() -> int:
                 list(rounds.select_for_update().values("pk"))
             won = (
                 Mailing.objects.filter(pk=mailing.pk, status=Mailing.Status.SENDING)
-                .filter(~Exists(open_rows))
+                .filter(~open_rows)
                 .update(status=Mailing.Status.COMPLETED, completed_at=timezone.now())
             )
             if not won:

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import psycopg
 from django.conf import settings
 from django.db import connection
-from django.db.models import Exists, OuterRef
 
+from notifications import selectors
 from notifications.mailer import Outcome, SendResult
-from notifications.models import TERMINAL_STATUSES, Delivery, DeliveryEvent, DeliveryStatus, Mailing
+from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Mailing
 from notifications.rendering import message_id_for
 from notifications.selectors import CLAIMABLE_SQL, SENDING_ALLOWED_SQL
 
@@ -166,29 +166,33 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
     return claimed
 
 
+# The rows of a batch's claims that it still holds: same id, same attempt, still claimed.
+_HELD_CLAIMS_SQL = """
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS c(id, attempt)
+    WHERE d.id = c.id AND d.attempt = c.attempt AND d.status = 'claimed'
+"""
+
+
+def _held_claims_params(claims: Iterable[Claimed]) -> dict[str, list[int]]:
+    claims = list(claims)
+    return {"ids": [c.id for c in claims], "attempts": [c.attempt for c in claims]}
+
+
 def claims_release(*, claims: Iterable[Claimed], delay_seconds: float = 0) -> int:
     """claimed -> pending for claims a batch did not use (pause, end of its budget)."""
-    pairs = [(c.id, c.attempt) for c in claims]
-    if not pairs:
+    held = _held_claims_params(claims)
+    if not held["ids"]:
         return 0
     sql = f"""
         UPDATE {D} d SET status = 'pending', lease_until = NULL, updated_at = statement_timestamp(),
             next_attempt_at = CASE WHEN %(delay)s > 0
                 THEN statement_timestamp() + make_interval(secs => %(delay)s) ELSE
                     d.next_attempt_at END
-        FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS c(id, attempt)
-        WHERE d.id = c.id AND d.attempt = c.attempt AND d.status = 'claimed'
+        {_HELD_CLAIMS_SQL}
         RETURNING d.id, d.mailing_id
     """
     with connection.cursor() as cur:
-        cur.execute(
-            sql,
-            {
-                "ids": [p[0] for p in pairs],
-                "attempts": [p[1] for p in pairs],
-                "delay": delay_seconds,
-            },
-        )
+        cur.execute(sql, {**held, "delay": delay_seconds})
         released = cur.fetchall()
     for delivery_id, mailing_id in released:
         log_transition(delivery_id, mailing_id, S.PENDING, reason="claim given back")
@@ -198,23 +202,15 @@ def claims_release(*, claims: Iterable[Claimed], delay_seconds: float = 0) -> in
 def claims_renew(*, claims: Iterable[Claimed]) -> int:
     """Extend the lease of claims still held (fenced by ``attempt``): a live batch keeps its
     rows, and a dead one's come back within one short lease."""
-    pairs = [(c.id, c.attempt) for c in claims]
-    if not pairs:
+    held = _held_claims_params(claims)
+    if not held["ids"]:
         return 0
     sql = f"""
         UPDATE {D} d SET lease_until = statement_timestamp() + make_interval(secs => %(lease)s)
-        FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS c(id, attempt)
-        WHERE d.id = c.id AND d.attempt = c.attempt AND d.status = 'claimed'
+        {_HELD_CLAIMS_SQL}
     """
     with prepared_cursor() as cur:
-        cur.execute(
-            sql,
-            {
-                "ids": [p[0] for p in pairs],
-                "attempts": [p[1] for p in pairs],
-                "lease": settings.EDSMART_CLAIM_LEASE_SECONDS,
-            },
-        )
+        cur.execute(sql, {**held, "lease": settings.EDSMART_CLAIM_LEASE_SECONDS})
         return cur.rowcount
 
 
@@ -513,6 +509,17 @@ def delivery_record_and_start(
 # --- moves of many rows: expiry and cancel -------------------------------------------------------
 
 
+def _lapsed_leases_sql(status: str) -> str:
+    """The rows in ``status`` whose lease ran out, at most 5,000, skipping any a live
+    transaction holds; for the WHERE of an UPDATE aliased ``d``."""
+    return f"""
+        d.id IN (
+            SELECT id FROM {D} WHERE status = '{status}' AND lease_until < statement_timestamp()
+            ORDER BY id LIMIT 5000 FOR UPDATE SKIP LOCKED
+        ) AND d.status = '{status}' AND d.lease_until < statement_timestamp()
+    """
+
+
 def claims_expire() -> list[tuple[int, int, str]]:
     """Claims whose worker vanished (the lease ran out before the send started; a live batch
     renews its leases): claimed -> pending, or -> failed once a delivery has lost
@@ -532,10 +539,7 @@ def claims_expire() -> list[tuple[int, int, str]]:
                 status = CASE WHEN d.lost_claims + 1 >= %(max)s THEN 'failed' ELSE 'pending' END,
                 last_error = CASE WHEN d.lost_claims + 1 >= %(max)s THEN %(failed)s
                     ELSE d.last_error END
-            WHERE d.id IN (
-                SELECT id FROM {D} WHERE status = 'claimed' AND lease_until < statement_timestamp()
-                ORDER BY id LIMIT 5000 FOR UPDATE SKIP LOCKED
-            ) AND d.status = 'claimed' AND d.lease_until < statement_timestamp()
+            WHERE {_lapsed_leases_sql(S.CLAIMED.value)}
             RETURNING d.id, d.attempt, d.mailing_id, d.status AS to_status,
                 CASE WHEN d.status = 'failed' THEN d.last_error
                     ELSE 'claim lease expired before the send started' END AS detail
@@ -569,11 +573,7 @@ def submits_expire() -> list[tuple[int, int]]:
         WITH moved AS (
             UPDATE {D} d SET status = 'unknown', lease_until = NULL,
                 updated_at = statement_timestamp(), last_error = %(detail)s
-            WHERE d.id IN (
-                SELECT id FROM {D}
-                WHERE status = 'submitting' AND lease_until < statement_timestamp()
-                ORDER BY id LIMIT 5000 FOR UPDATE SKIP LOCKED
-            ) AND d.status = 'submitting' AND d.lease_until < statement_timestamp()
+            WHERE {_lapsed_leases_sql(S.SUBMITTING.value)}
             RETURNING d.id, d.attempt, d.mailing_id
         ), logged AS (
             {event}
@@ -640,12 +640,9 @@ def mailings_reopen(*, mailing_ids: Iterable[int] | None = None) -> int:
     """completed -> sending for mailings that have open rows again (a late 4xx on an unknown
     that raced the completion, a person's resend), so the open rows are claimed and the
     mailing completes after them. Every such row comes from a move here, hence its place."""
-    open_rows = Delivery.objects.filter(mailing=OuterRef("pk")).exclude(
-        status__in=list(TERMINAL_STATUSES)
-    )
     mailings = Mailing.objects.filter(status=Mailing.Status.COMPLETED)
     if mailing_ids is not None:
         mailings = mailings.filter(pk__in=list(mailing_ids))
-    return mailings.filter(Exists(open_rows)).update(
+    return mailings.filter(selectors.mailing_has_open_rows()).update(
         status=Mailing.Status.SENDING, completed_at=None
     )
