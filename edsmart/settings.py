@@ -182,6 +182,16 @@ EDSMART_LINK_EXPIRY_DAYS = env_int("EDSMART_LINK_EXPIRY_DAYS", default=60, minim
 # off renders every email in full, for ruling the stencil out when something looks wrong.
 EDSMART_EMAIL_STENCILS = env_bool("EDSMART_EMAIL_STENCILS", default=True)
 EDSMART_MAX_BODY_BYTES = env_int("EDSMART_MAX_BODY_BYTES", default=100 * 1024, minimum=1)
+# Peak hour (notifications/ratelimit.py, notifications/fairshare.py): one send rate for every
+# worker on every host, emails per second, 0 = no cap (set it to the provider's quota). After a
+# throttling reply the rate halves and climbs back to the cap over the recovery time.
+EDSMART_SEND_RATE = env_float("EDSMART_SEND_RATE", default=0.0, minimum=0)
+EDSMART_SEND_RATE_RECOVERY_SECONDS = env_float(
+    "EDSMART_SEND_RATE_RECOVERY_SECONDS", default=30.0, minimum=1
+)
+# Throttled sends are not charged as tries; after this many a delivery's throttles count as
+# tries again, so that a provider that never stops throttling cannot keep one cycling forever.
+EDSMART_MAX_THROTTLES = env_int("EDSMART_MAX_THROTTLES", default=50, minimum=1)
 
 # --- Celery (see DESIGN.md "Celery settings that matter") ---------------------------------------
 CELERY_BROKER_URL = REDIS_URL
@@ -215,7 +225,9 @@ CELERY_TASK_SEND_SENT_EVENT = True
 # Celery's Django fixup closes the DB connection after every task unless this is set.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", default=1000, minimum=0)
 CELERY_TIMEZONE = "UTC"
-EDSMART_DISPATCH_INTERVAL_SECONDS = env_float("EDSMART_DISPATCH_INTERVAL_SECONDS", 2.0, minimum=0.1)
+# Due messages are picked up within this much of their time (a small slip reaches its families
+# within a few seconds of being due, even at peak).
+EDSMART_DISPATCH_INTERVAL_SECONDS = env_float("EDSMART_DISPATCH_INTERVAL_SECONDS", 1.0, minimum=0.1)
 EDSMART_SWEEP_INTERVAL_SECONDS = env_float("EDSMART_SWEEP_INTERVAL_SECONDS", 5.0, minimum=0.1)
 # django-celery-beat's DatabaseScheduler copies these into its tables at start-up.
 CELERY_BEAT_SCHEDULE = {

@@ -10,6 +10,11 @@ The order of every email, which is what makes a crash safe at any point:
 4. send over the batch's one connection, outside any transaction;
 5. record the reply (in the next email's statement, or alone at the end), retried for a while
    if the database is briefly away, since the reply is known only here.
+
+A production batch (``turns_send``) works in turns: it asks ``fairshare`` whose turn it is,
+claims a small chunk of that mailing (about a quarter second of sending), sends it, and asks
+again, so schools take turns and an urgent message goes first. Before each start it takes a
+slot of the shared send rate (``ratelimit``) when a cap or a throttle back-off is in force.
 """
 
 from __future__ import annotations
@@ -19,13 +24,22 @@ import threading
 import time
 from dataclasses import dataclass
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.core.mail import get_connection
 from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
-from notifications import controls, log_context, nudges, selectors, transitions
+from notifications import (
+    controls,
+    fairshare,
+    log_context,
+    nudges,
+    ratelimit,
+    selectors,
+    transitions,
+)
 from notifications.compose import Composer
 from notifications.mailer import Outcome, SendResult, send_one
 from notifications.models import DeliveryStatus
@@ -51,6 +65,7 @@ class BatchReport:
     unknown: int = 0
     lost: int = 0
     released: int = 0
+    throttled: int = 0
     stopped: str = ""
 
 
@@ -65,6 +80,7 @@ class _LeaseKeeper:
     def __init__(self, claims: list[Claimed], mailing_id: int | None) -> None:
         self._claims = claims
         self._mailing_id = mailing_id
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edsmart-lease", daemon=True)
 
@@ -76,23 +92,40 @@ class _LeaseKeeper:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def hold(self, claims: list[Claimed], mailing_id: int | None) -> None:
+        """The claims of the batch's current turn (the list the loop works through)."""
+        with self._lock:
+            self._claims, self._mailing_id = claims, mailing_id
+
     def _run(self) -> None:
         interval = settings.EDSMART_CLAIM_LEASE_SECONDS / 3
         try:
             while not self._stop.wait(interval):
+                with self._lock:
+                    claims, mailing_id = list(self._claims), self._mailing_id
                 try:
-                    transitions.claims_renew(claims=self._claims)
+                    transitions.claims_renew(claims=claims)
                 except DatabaseError:
                     log.warning("could not renew the batch's claim leases", exc_info=True)
                     connection.close()
-                if self._mailing_id is not None:
-                    nudges.mark_alive(self._mailing_id)
+                if mailing_id is not None:
+                    nudges.mark_alive(mailing_id)
         finally:
             connection.close()
 
 
+def _refuse_inside_atomic() -> None:
+    if connection.in_atomic_block:
+        raise CommitBeforeSendError(
+            "batch_send must run outside any transaction: a start has to be durable before "
+            "the mail server is contacted"
+        )
+
+
 def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> BatchReport:
-    """Claim a batch and send it over one reused connection, recording each outcome at once.
+    """Claim one batch (of one mailing, or of any) and send it over one reused connection,
+    recording each outcome at once. ``turns_send`` is what workers run; this single claim is
+    for callers that want one mailing's rows now (tests, tools).
 
     Stops before its next delivery when sending is paused, its time (EDSMART_BATCH_SECONDS)
     is used up, the provider refuses our credentials, or the task's soft time limit fires;
@@ -100,13 +133,10 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
     start must be committed before its email goes out, and inside an ``atomic`` block nothing
     commits until the caller's block ends.
     """
-    if connection.in_atomic_block:
-        raise CommitBeforeSendError(
-            "batch_send must run outside any transaction: a start has to be durable before "
-            "the mail server is contacted"
-        )
+    _refuse_inside_atomic()
     limit = limit or settings.EDSMART_BATCH_SIZE
     report = BatchReport()
+    deadline = time.monotonic() + settings.EDSMART_BATCH_SECONDS
     try:
         claims = transitions.deliveries_claim(limit=limit, mailing_id=mailing_id)
         report.claimed = len(claims)
@@ -114,8 +144,12 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
             return report
         if mailing_id is not None:
             nudges.mark_alive(mailing_id)
-        with _LeaseKeeper(claims, mailing_id):
-            _send_claims(claims, report)
+        backend = get_connection(fail_silently=False)
+        try:
+            with _LeaseKeeper(claims, mailing_id):
+                _send_claims(claims, report, backend=backend, deadline=deadline, pace=_Pace())
+        finally:
+            _close(backend)
     except DATABASE_DOWN:
         # No chained batch follows a batch that died; the sweeper must not wait for markers.
         nudges.forget(mailing_id)
@@ -126,19 +160,128 @@ def batch_send(*, mailing_id: int | None = None, limit: int | None = None) -> Ba
     return report
 
 
-def _send_claims(claims: list[Claimed], report: BatchReport) -> None:
+# How long one turn's chunk should take to send under a rate cap: short, so that a newly due
+# slip or urgent message waits at most about this long for every batch to ask again.
+TURN_SECONDS = 0.25
+
+
+def chunk_size() -> int:
+    """Deliveries claimed per turn: a batch's worth uncapped (a few tenths of a second at
+    the pipeline's speed), or about TURN_SECONDS of the capped rate."""
+    rate = settings.EDSMART_SEND_RATE
+    if rate <= 0:
+        return settings.EDSMART_BATCH_SIZE
+    return max(1, min(settings.EDSMART_BATCH_SIZE, int(rate * TURN_SECONDS)))
+
+
+# A turn when Redis is away: claim from any mailing, in id order (fair share lost, nothing else).
+_ANY = fairshare.Turn(mailing_id=0, school_id=0, urgent=False)
+
+
+def _next_turn() -> fairshare.Turn | None:
+    try:
+        return fairshare.next_turn()
+    except redis.RedisError:
+        log.warning("Redis unreachable: taking work in id order instead of by turns")
+        return _ANY
+
+
+def turns_send(*, hint: int | None = None) -> BatchReport:
+    """What a worker's send task runs: turn after turn until nothing is listed, sending is
+    stopped, or EDSMART_BATCH_SECONDS are used up (then the next batch is chained).
+
+    ``hint`` is the mailing whose nudge started this batch: listed again first, in case Redis
+    lost the list between the nudge and now.
+    """
+    _refuse_inside_atomic()
+    if hint is not None:
+        nudges.list_for_turns(hint)
+    report = BatchReport()
     deadline = time.monotonic() + settings.EDSMART_BATCH_SECONDS
-    composer = Composer(claims)
     backend = get_connection(fail_silently=False)
+    pace = _Pace()
+    current: int | None = None
+    try:
+        with _LeaseKeeper([], None) as keeper:
+            while not report.stopped:
+                if time.monotonic() > deadline:
+                    report.stopped = "batch time used up"
+                    break
+                turn = _next_turn()
+                if turn is None:
+                    break
+                current = turn.mailing_id or None
+                claims = transitions.deliveries_claim(limit=chunk_size(), mailing_id=current)
+                if not claims:
+                    if turn is _ANY:
+                        break
+                    fairshare.finished(turn)
+                    continue
+                report.claimed += len(claims)
+                keeper.hold(claims, current)
+                if current is not None:
+                    nudges.mark_alive(current)
+                _send_claims(claims, report, backend=backend, deadline=deadline, pace=pace)
+                keeper.hold([], None)
+                if report.stopped == STOPPED_PAUSED:
+                    # That mailing (or school) was paused mid-turn: the others go on.
+                    report.stopped = ""
+    except DATABASE_DOWN:
+        nudges.forget(current)
+        raise
+    finally:
+        _close(backend)
+    if report.stopped in (STOPPED_TIME, STOPPED_RATE):
+        nudges.enqueue_batches(None, 1)
+    return report
+
+
+STOPPED_PAUSED = "paused or cancelled"
+STOPPED_TIME = "batch time used up"
+STOPPED_RATE = "waited out the batch time for a send slot"
+
+
+class _Pace:
+    """The batch's side of the shared send rate. With a cap, every start takes a slot; with
+    none, the batch reports each chunk's count and learns whether a throttle engaged a limit."""
+
+    def __init__(self) -> None:
+        self.limited = ratelimit.capped()
+
+    def before_start(self, deadline: float) -> None:
+        if self.limited:
+            ratelimit.acquire(deadline=deadline)
+
+    def after_chunk(self, sent: int) -> None:
+        if not ratelimit.capped() and sent:
+            self.limited = ratelimit.note_sent(sent)
+
+    def throttled(self, detail: str) -> None:
+        ratelimit.backoff(detail=detail)
+        self.limited = True
+
+
+def _close(backend: object) -> None:
+    try:
+        backend.close()  # type: ignore[attr-defined]
+    except Exception:
+        log.debug("closing the mail connection failed", exc_info=True)
+
+
+def _send_claims(
+    claims: list[Claimed], report: BatchReport, *, backend: object, deadline: float, pace: _Pace
+) -> None:
+    composer = Composer(claims)
     raw_ok = isinstance(backend, SMTPBackend)
     pending = list(claims)
+    started_count = 0
     interrupted: BaseException | None = None
     unrecorded: tuple[Claimed, SendResult] | None = None
     try:
         while pending:
             claimed = pending[0]
             if time.monotonic() > deadline:
-                report.stopped = "batch time used up"
+                report.stopped = STOPPED_TIME
                 break
             try:
                 email = composer.email_for(claimed, raw_ok=raw_ok)
@@ -150,6 +293,11 @@ def _send_claims(claims: list[Claimed], report: BatchReport) -> None:
                     report.failed += 1
                 pending.pop(0)
                 continue
+            try:
+                pace.before_start(deadline)
+            except ratelimit.RateWaitTimeout:
+                report.stopped = STOPPED_RATE
+                break
             # One statement per email: the previous outcome and this start commit together,
             # both durable before this email goes out (a commit costs an fsync).
             try:
@@ -174,11 +322,12 @@ def _send_claims(claims: list[Claimed], report: BatchReport) -> None:
             pending.pop(0)
             if not started:
                 if not selectors.sending_allowed(mailing_id=claimed.mailing_id):
-                    report.stopped = "paused or cancelled"
+                    report.stopped = STOPPED_PAUSED
                     pending.insert(0, claimed)  # still ours if the fence held: give it back
                     break
                 report.lost += 1
                 continue
+            started_count += 1
             with log_context.ids(
                 school_id=composer.school_id(claimed),
                 mailing_id=claimed.mailing_id,
@@ -195,6 +344,10 @@ def _send_claims(claims: list[Claimed], report: BatchReport) -> None:
                 unrecorded = _flush(report, unrecorded)
                 controls.sending_pause_for_credentials(detail=result.detail)
                 break
+            if result.throttled:
+                report.throttled += 1
+                pace.throttled(result.detail)
+                continue
             if result.connection_lost and result.outcome is Outcome.RETRY:
                 # The server is unreachable: the rest of the batch would fail the same way.
                 report.stopped = "mail server unreachable"
@@ -205,10 +358,7 @@ def _send_claims(claims: list[Claimed], report: BatchReport) -> None:
                 break
     finally:
         _finish(report, pending, unrecorded)
-        try:
-            backend.close()
-        except Exception:
-            log.debug("closing the mail connection failed", exc_info=True)
+        pace.after_chunk(started_count)
     if interrupted is not None:
         raise interrupted
 

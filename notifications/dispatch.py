@@ -41,9 +41,15 @@ def dispatch_due(*, limit: int = 50) -> list[int]:
     """
     now = timezone.now()
     created: list[int] = []
-    for model in (Slip, Broadcast):
+    # Urgent broadcasts first: at a busy minute their fan-out should not wait behind others'.
+    lanes: list[tuple[type[Slip] | type[Broadcast], dict]] = [
+        (Broadcast, {"urgent": True}),
+        (Slip, {}),
+        (Broadcast, {"urgent": False}),
+    ]
+    for model, lane in lanes:
         due = (
-            model.objects.filter(status=SendStatus.SCHEDULED, send_at__lte=now)
+            model.objects.filter(status=SendStatus.SCHEDULED, send_at__lte=now, **lane)
             .order_by("send_at")
             .values_list("pk", flat=True)[:limit]
         )
@@ -125,6 +131,7 @@ def _dispatch_one(model: type[Slip] | type[Broadcast], pk: int) -> int | None:
             round=0,
             subject=source.title,
             body=source.body,
+            urgent=getattr(source, "urgent", False),
         )
         recipients = audience_recipients(source.audience) if source.audience_id else []
         total = deliveries_fan_out(mailing=mailing, recipients=recipients)

@@ -44,6 +44,15 @@ class SendResult:
     # Failed before any of the message went out, on a connection that was already open:
     # safe to try once on a new connection (see ``send_one``).
     reconnect_ok: bool = False
+    # The provider said "slower" (SMTP 421/451/452, API 429): not the recipient's fault, so not
+    # charged as a try; the shared send rate backs off (notifications/ratelimit.py).
+    throttled: bool = False
+
+
+# Replies that mean "too fast / try later" rather than anything about this recipient: 421
+# (service closing, used for rate limits), 451 (local error, greylisting and throttling), 452
+# (too many recipients / messages for now).
+THROTTLE_CODES = frozenset({421, 451, 452})
 
 
 def _reply_outcome(code: int) -> Outcome:
@@ -135,7 +144,11 @@ def _refusal(commands: list[str], replies: list[tuple[int, bytes]]) -> SendResul
     for command, (code, resp) in zip(commands, replies, strict=False):
         if not _command_ok(command, code):
             verb = command.split(":", 1)[0]
-            return SendResult(_reply_outcome(code), f"{verb} refused: {code} {_text(resp)}")
+            return SendResult(
+                _reply_outcome(code),
+                f"{verb} refused: {code} {_text(resp)}",
+                throttled=code in THROTTLE_CODES,
+            )
     return None
 
 
@@ -174,7 +187,11 @@ def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives | RawEmail)
             # "421 closing connection" to MAIL: the server is done with this connection.
             _drop(backend)
             return SendResult(
-                refused.outcome, refused.detail, connection_lost=True, reconnect_ok=True
+                refused.outcome,
+                refused.detail,
+                connection_lost=True,
+                reconnect_ok=True,
+                throttled=True,
             )
         if refused is not None:
             if replies[-1][0] == 354:
@@ -211,7 +228,11 @@ def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives | RawEmail)
         )
     if code == 250:
         return SendResult(Outcome.ACCEPTED, provider_id=_text(resp)[:250])
-    return SendResult(_reply_outcome(code), f"message refused after DATA: {code} {_text(resp)}")
+    return SendResult(
+        _reply_outcome(code),
+        f"message refused after DATA: {code} {_text(resp)}",
+        throttled=code in THROTTLE_CODES,
+    )
 
 
 def _send_generic(backend: object, message: EmailMultiAlternatives) -> SendResult:
@@ -224,10 +245,11 @@ def _send_generic(backend: object, message: EmailMultiAlternatives) -> SendResul
         sent = backend.send_messages([message])  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - classified below, erring towards unknown
         outcome, detail = classify_api_error(exc)
-        if getattr(exc, "status_code", None) in (401, 403):
+        status_code = getattr(exc, "status_code", None)
+        if status_code in (401, 403):
             # A rotated or revoked API key: the provider refused us, not the recipient.
             return SendResult(Outcome.RETRY, detail, credentials_refused=True)
-        return SendResult(outcome, detail)
+        return SendResult(outcome, detail, throttled=status_code == 429)
     except BaseException as exc:  # noqa: BLE001 - recorded as unknown, then re-raised
         return SendResult(Outcome.UNKNOWN, f"interrupted: {exc!r}", interrupted_by=exc)
     if not sent:

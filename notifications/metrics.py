@@ -32,7 +32,7 @@ from prometheus_client.core import (
 )
 
 from edsmart.redis_client import redis_client
-from notifications import heartbeats, selectors
+from notifications import fairshare, heartbeats, ratelimit, selectors
 from notifications.models import Alert, Delivery
 
 log = logging.getLogger("edsmart.metrics")
@@ -135,6 +135,8 @@ class PipelineCollector:
             value=len(heartbeats.workers_seen()),
         )
 
+        yield from _rate_metrics()
+
         alerts = GaugeMetricFamily(
             "edsmart_alerts_open", "Open alerts by severity.", labels=["severity"]
         )
@@ -147,6 +149,40 @@ class PipelineCollector:
         for severity in Alert.Severity.values:
             alerts.add_metric([severity], open_counts.get(severity, 0))
         yield alerts
+
+
+def _rate_metrics() -> Iterator[Metric]:
+    """The shared send rate and the fair-share turns (both kept in Redis)."""
+    rate = ratelimit.state()
+    yield GaugeMetricFamily(
+        "edsmart_send_rate_cap", "EDSMART_SEND_RATE, emails/s (0 = no cap).", value=rate.cap
+    )
+    yield GaugeMetricFamily(
+        "edsmart_send_rate_effective",
+        "The send rate in force now, emails/s: the cap, or lower while backing off after a "
+        "provider's throttling reply (0 = no limit).",
+        value=rate.effective,
+    )
+    yield GaugeMetricFamily(
+        "edsmart_send_rate_backed_off",
+        "1 while a throttling reply holds the rate below its ceiling.",
+        value=int(rate.backed_off),
+    )
+    yield CounterMetricFamily(
+        "edsmart_throttle_replies",
+        "Throttling replies from the provider (SMTP 421/451/452, API 429) since Redis started.",
+        value=rate.throttles,
+    )
+    turns = fairshare.queue()
+    waiting = GaugeMetricFamily(
+        "edsmart_turns_waiting",
+        "Mailings and schools listed for send turns.",
+        labels=["lane"],
+    )
+    if turns is not None:
+        waiting.add_metric(["urgent"], turns.urgent)
+        waiting.add_metric(["schools"], turns.schools)
+    yield waiting
 
 
 registry = CollectorRegistry(auto_describe=False)

@@ -60,6 +60,8 @@ class Mailing(models.Model):
     )
     subject = models.CharField(max_length=250)
     body = models.TextField()
+    # Copied from the broadcast at dispatch: its deliveries take turns before all others.
+    urgent = models.BooleanField(default=False, db_default=False)
     recipient_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -141,6 +143,10 @@ class Delivery(models.Model):
     # Claims whose worker vanished (lease expired before the send started); bounded by
     # EDSMART_MAX_LOST_CLAIMS so that an email that kills its worker cannot cycle forever.
     lost_claims = models.PositiveSmallIntegerField(default=0, db_default=0)
+    # Sends the provider throttled (SMTP 421/451/452, API 429): not charged as tries, since
+    # the recipient is not at fault, but bounded by EDSMART_MAX_THROTTLES so that a provider
+    # that never stops throttling cannot keep a delivery cycling forever.
+    throttles = models.PositiveSmallIntegerField(default=0, db_default=0)
     lease_until = models.DateTimeField(null=True, blank=True)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     message_id_header = models.CharField(max_length=250, blank=True)

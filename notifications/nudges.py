@@ -1,10 +1,12 @@
 """Nudges: Celery messages that tell a worker "there may be work for this mailing".
 
-They are hints, never the truth. Publishing one may fail (Redis restarting), be lost (Redis
-flushed) or be delivered twice (visibility timeout); none of that matters, because the send
-batch re-reads the database and the sweeper re-nudges any mailing whose claimable rows have
-had no live batch for a while. The small Redis markers here only keep the sweeper from
-flooding the queue while batches are alive.
+A nudge lists the mailing in the fair-share turns (``fairshare``) and publishes send-batch
+tasks; a batch then serves whichever mailing's turn it is, not necessarily the one that
+nudged it. They are hints, never the truth. Publishing one may fail (Redis restarting), be
+lost (Redis flushed) or be delivered twice (visibility timeout); none of that matters,
+because the send batch re-reads the database and the sweeper re-nudges any mailing whose
+claimable rows have had no live batch for a while. The small Redis markers here only keep
+the sweeper from flooding the queue while batches are alive.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from celery import current_app
 from django.conf import settings
 
 from edsmart.redis_client import redis_client
-from notifications import selectors
+from notifications import fairshare, selectors
 
 log = logging.getLogger("edsmart.nudges")
 
@@ -64,11 +66,33 @@ def forget(mailing_id: int | None) -> None:
         log.warning("could not clear the markers of mailing %s in Redis", mailing_id)
 
 
+def list_for_turns(
+    mailing_id: int, *, school_id: int | None = None, urgent: bool | None = None
+) -> None:
+    """List a mailing in the fair-share turns (looked up when the caller does not know its
+    school). Failures are logged and swallowed: the sweeper lists it again."""
+    if school_id is None or urgent is None:
+        keys = selectors.mailing_turn_keys(mailing_id)
+        if keys is None:
+            return
+        school_id, urgent = keys
+    try:
+        fairshare.activate(mailing_id=mailing_id, school_id=school_id, urgent=urgent)
+    except redis.RedisError:
+        log.warning("could not list mailing %s for turns in Redis", mailing_id, exc_info=True)
+
+
 def enqueue_batches(mailing_id: int | None, total: int | None) -> int:
-    """Publish send-batch tasks. Failures are logged and swallowed: the sweeper retries."""
+    """List the mailing for turns and publish send-batch tasks. Failures are logged and
+    swallowed: the sweeper retries."""
     if total == 0:
         return 0
-    count = batches_for(total)
+    if mailing_id is not None:
+        list_for_turns(mailing_id)
+    return _publish(mailing_id, batches_for(total))
+
+
+def _publish(mailing_id: int | None, count: int) -> int:
     sent = 0
     for _ in range(count):
         try:
@@ -93,10 +117,11 @@ def enqueue_batches(mailing_id: int | None, total: int | None) -> int:
 
 
 def nudge_stalled(*, force: bool = False) -> int:
-    """Enqueue batches for sending mailings with due rows and no sign of a live batch."""
-    mailing_ids = selectors.mailings_with_claimable_work()
+    """List every sending mailing with due rows for turns (a retry fell due, claims came
+    back, Redis restarted empty), and enqueue batches for those with no sign of a live batch."""
     nudged = 0
-    for mailing_id in mailing_ids:
+    for mailing_id, school_id, urgent in selectors.mailings_with_claimable_work():
+        list_for_turns(mailing_id, school_id=school_id, urgent=urgent)
         if not force:
             try:
                 client = redis_client()
@@ -104,5 +129,5 @@ def nudge_stalled(*, force: bool = False) -> int:
                     continue
             except redis.RedisError:
                 log.warning("Redis unavailable; nudging mailing %s anyway", mailing_id)
-        nudged += enqueue_batches(mailing_id, None) > 0
+        nudged += _publish(mailing_id, batches_for(None)) > 0
     return nudged

@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from notifications import alerts, controls, heartbeats, selectors
+from notifications import alerts, controls, fairshare, heartbeats, ratelimit, selectors
 from notifications.models import Alert, SendingSwitch
 from slips.models import School
 
@@ -59,6 +59,8 @@ def ops_overview() -> dict:
         "beat_max_age": heartbeats.beat_max_age(),
         "workers": heartbeats.workers_seen(),
         "failure_rate": alerts.failure_rate(),
+        "rate": ratelimit.state(),
+        "turns": fairshare.queue(),
     }
 
 

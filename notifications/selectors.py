@@ -100,14 +100,20 @@ def claimable_q(*, now: dt.datetime | None = None) -> Q:
     )
 
 
-def mailings_with_claimable_work() -> list[int]:
-    """Sending mailings of unpaused schools with rows a batch could claim now."""
+def mailings_with_claimable_work() -> list[tuple[int, int, bool]]:
+    """Sending mailings of unpaused schools with rows a batch could claim now, as
+    (mailing id, school id, urgent)."""
     due = Delivery.objects.filter(claimable_q(), mailing=OuterRef("pk"))
     return list(
         Mailing.objects.filter(status=Mailing.Status.SENDING, school__sending_paused=False)
         .filter(Exists(due))
-        .values_list("pk", flat=True)
+        .values_list("pk", "school_id", "urgent")
     )
+
+
+def mailing_turn_keys(mailing_id: int) -> tuple[int, bool] | None:
+    """(school id, urgent) of a mailing, for listing it in the fair-share turns."""
+    return Mailing.objects.filter(pk=mailing_id).values_list("school_id", "urgent").first()
 
 
 # --- backlog -------------------------------------------------------------------------------------

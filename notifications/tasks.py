@@ -14,8 +14,9 @@ from notifications import alerts, batch, dispatch, heartbeats, log_context, swee
 
 @shared_task(name="notifications.tasks.send_batch")
 def send_batch(mailing_id: int | None = None) -> dict:
+    """Takes turns across every listed mailing (``mailing_id`` is only the nudge's hint)."""
     log_context.tag(mailing_id=mailing_id)
-    return batch.batch_send(mailing_id=mailing_id).__dict__
+    return batch.turns_send(hint=mailing_id).__dict__
 
 
 @shared_task(name="notifications.tasks.dispatch_due")

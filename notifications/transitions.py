@@ -125,6 +125,7 @@ class Claimed:
     email: str
     recipient_name: str
     student_ids: list[int]
+    throttles: int = 0
 
 
 def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claimed]:
@@ -146,7 +147,7 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
                 updated_at = statement_timestamp()
         FROM picked WHERE d.id = picked.id
         RETURNING d.id, d.attempt, d.tries, d.mailing_id, d.email, d.recipient_name,
-            d.student_ids
+            d.student_ids, d.throttles
     """
     params = {
         "limit": limit,
@@ -158,7 +159,8 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
         rows = cur.fetchall()
     # Django leaves jsonb as text on raw cursors.
     claimed = [
-        Claimed(*row[:6], json.loads(row[6]) if isinstance(row[6], str) else row[6]) for row in rows
+        Claimed(*row[:6], json.loads(row[6]) if isinstance(row[6], str) else row[6], row[7])
+        for row in rows
     ]
     claimed.sort(key=lambda c: c.id)
     for c in claimed:
@@ -404,6 +406,12 @@ def retry_delay_seconds(tries: int) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
+def throttle_delay_seconds(throttles: int) -> float:
+    """A throttled delivery is due again soon (the shared rate, not this row, does the slowing
+    down): 0.5-1 s after the first throttle, doubling to at most 15-30 s."""
+    return min(30.0, 2.0 ** min(throttles - 1, 5)) * random.uniform(0.5, 1.0)
+
+
 def _record_part(claimed: Claimed, result: SendResult) -> tuple[str, Part]:
     """The move that records one send's outcome, and the status it leads to."""
     tries = claimed.tries + 1
@@ -422,6 +430,19 @@ def _record_part(claimed: Claimed, result: SendResult) -> tuple[str, Part]:
             detail=result.detail,
             sets="tries = greatest(d.tries - 1, 0), next_attempt_at = statement_timestamp(), "
             "lease_until = NULL, last_error = %(detail)s",
+        )
+    if result.throttled and claimed.throttles < settings.EDSMART_MAX_THROTTLES:
+        # The provider said "slower": the start's count is taken back and the row is due
+        # again soon; the shared rate has backed off meanwhile.
+        return S.RETRY_WAIT, _transition_part(
+            **common,
+            from_statuses=definite_from,
+            to=S.RETRY_WAIT,
+            detail=f"throttled by the provider: {result.detail}",
+            sets="tries = greatest(d.tries - 1, 0), throttles = d.throttles + 1, "
+            "next_attempt_at = statement_timestamp() + make_interval(secs => %(delay)s), "
+            "lease_until = NULL, last_error = %(detail)s",
+            params={"delay": throttle_delay_seconds(claimed.throttles + 1)},
         )
     if outcome is Outcome.ACCEPTED:
         return S.SENT, _transition_part(

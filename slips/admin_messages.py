@@ -324,6 +324,20 @@ class SlipAdmin(SlipAnswersAdminMixin, SendableAdmin):
 
 @admin.register(Broadcast)
 class BroadcastAdmin(BroadcastReachAdminMixin, SendableAdmin):
+    """Broadcasts. ``urgent`` (a closure, an emergency) sends ahead of every other message."""
+
+    content_fields = ("school", "title", "body", "audience", "urgent", "send_at")
+    list_display = (
+        "title",
+        "message_handle",
+        "urgent",
+        "status",
+        "send_at",
+        "audience",
+        "created_at",
+    )
+    list_filter = ("status", "urgent", ("audience", admin.RelatedOnlyFieldListFilter))
+
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> list:
         fieldsets = super().get_fieldsets(request, obj)
         if obj is not None:

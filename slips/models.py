@@ -267,6 +267,12 @@ class Slip(Sendable):
 
 
 class Broadcast(Sendable):
+    urgent = models.BooleanField(
+        default=False,
+        help_text="A closure or an emergency: its emails go ahead of every other message "
+        "waiting to be sent, at every school.",
+    )
+
     class Meta(Sendable.Meta):
         indexes = [models.Index(fields=["status", "send_at"])]
 

@@ -9,6 +9,7 @@ import asyncio
 import email
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
@@ -23,17 +24,19 @@ class Accepted:
     subject: str
     raw: bytes
     mail_from: str = ""
+    at: float = field(default_factory=time.time)  # when the 250 went back
 
 
 @dataclass
 class Behaviour:
     """What the server does; tests change it between or during runs."""
 
-    rcpt_reply: str | None = None  # e.g. "451 4.3.0 try later" or "550 5.1.1 no such user"
+    rcpt_reply: str | None = None  # e.g. "450 4.2.0 mailbox busy" or "550 5.1.1 no such user"
     data_reply: str | None = None  # final reply instead of 250
     delay: float = 0.0  # seconds to wait before the final reply (a slow server)
     stall: float = 0.0  # seconds to stall after DATA; the message still counts as accepted
-    fail_first: int = 0  # refuse the first N RCPTs with a 451, then behave
+    fail_first: int = 0  # refuse the first N RCPTs with a 450 (mailbox busy), then behave
+    throttle_first: int = 0  # refuse the first N RCPTs with a 451 rate limit, then behave
     pipelining: bool = False  # offer PIPELINING (RFC 2920) in the EHLO reply
     mail_reply: str | None = None  # e.g. "451 4.7.1 sender rate limited"
     # Close the connection when the next MAIL comes after this many accepted messages on it,
@@ -90,7 +93,11 @@ class Handler:
             if b.fail_first > 0:
                 b.fail_first -= 1
                 self.rcpt_refusals += 1
-                return "451 4.3.0 Temporary failure, try again later"
+                return "450 4.2.0 Mailbox busy, try again later"
+            if b.throttle_first > 0:
+                b.throttle_first -= 1
+                self.rcpt_refusals += 1
+                return "451 4.7.1 Sending rate exceeded, slow down"
         if b.rcpt_reply:
             with self.lock:
                 self.rcpt_refusals += 1

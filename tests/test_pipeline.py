@@ -138,7 +138,7 @@ def test_4xx_waits_and_retries_then_sends(school, smtp, settings, redis_client):
     dispatch.dispatch_due()
     _drain()
     d = Delivery.objects.get()
-    assert d.status == S.RETRY_WAIT and "451" in d.last_error
+    assert d.status == S.RETRY_WAIT and "450" in d.last_error
     assert d.next_attempt_at > timezone.now() + dt.timedelta(seconds=25)
     assert batch.batch_send().claimed == 0  # not due yet
     Delivery.objects.update(next_attempt_at=timezone.now())
@@ -151,7 +151,7 @@ def test_4xx_waits_and_retries_then_sends(school, smtp, settings, redis_client):
 def test_attempts_are_bounded(school, smtp, settings, redis_client):
     settings.EDSMART_MAX_ATTEMPTS = 3
     _scheduled_broadcast(school, families=1)
-    smtp.behaviour.rcpt_reply = "452 4.2.2 Mailbox full"
+    smtp.behaviour.rcpt_reply = "450 4.2.2 Mailbox full"
     dispatch.dispatch_due()
     for _ in range(5):
         Delivery.objects.filter(status=S.RETRY_WAIT).update(next_attempt_at=timezone.now())
@@ -342,7 +342,7 @@ def test_late_temporary_refusal_after_completion_reopens_the_mailing(school, smt
     Delivery.objects.update(lease_until=timezone.now() - dt.timedelta(seconds=1))
     sweep.sweep()  # unknown, and the mailing completes with it
     assert Mailing.objects.get(pk=mailing_id).status == Mailing.Status.COMPLETED
-    late = SendResult(Outcome.RETRY, "451 4.3.0 try later")
+    late = SendResult(Outcome.RETRY, "450 4.2.0 mailbox busy")
     assert transitions.delivery_record(claimed=claim, result=late) == S.RETRY_WAIT
     assert Mailing.objects.get(pk=mailing_id).status == Mailing.Status.SENDING
     Delivery.objects.update(next_attempt_at=timezone.now())

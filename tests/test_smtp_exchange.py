@@ -56,23 +56,26 @@ def test_both_message_forms_are_accepted_over_one_connection(smtp, backend, pipe
 
 @both_modes
 @pytest.mark.parametrize(
-    ("field", "reply", "outcome", "detail"),
+    ("field", "reply", "outcome", "detail", "throttled"),
     [
-        ("mail_reply", "451 4.7.1 slow down", Outcome.RETRY, "MAIL FROM refused: 451"),
-        ("mail_reply", "550 5.7.1 not you", Outcome.FAILED, "MAIL FROM refused: 550"),
-        ("rcpt_reply", "451 4.3.0 try later", Outcome.RETRY, "RCPT TO refused: 451"),
-        ("rcpt_reply", "550 5.1.1 no such user", Outcome.FAILED, "RCPT TO refused: 550"),
-        ("data_reply", "554 5.7.1 spam", Outcome.FAILED, "message refused after DATA: 554"),
-        ("data_reply", "452 4.3.1 full", Outcome.RETRY, "message refused after DATA: 452"),
+        ("mail_reply", "451 4.7.1 slow down", Outcome.RETRY, "MAIL FROM refused: 451", True),
+        ("mail_reply", "550 5.7.1 not you", Outcome.FAILED, "MAIL FROM refused: 550", False),
+        ("rcpt_reply", "451 4.3.0 try later", Outcome.RETRY, "RCPT TO refused: 451", True),
+        ("rcpt_reply", "452 4.5.3 too many", Outcome.RETRY, "RCPT TO refused: 452", True),
+        ("rcpt_reply", "450 4.2.0 busy", Outcome.RETRY, "RCPT TO refused: 450", False),
+        ("rcpt_reply", "550 5.1.1 no such user", Outcome.FAILED, "RCPT TO refused: 550", False),
+        ("data_reply", "554 5.7.1 spam", Outcome.FAILED, "message refused after DATA: 554", False),
+        ("data_reply", "452 4.3.1 full", Outcome.RETRY, "message refused after DATA: 452", True),
     ],
 )
 def test_refusals_are_definite_and_the_connection_carries_on(
-    smtp, backend, pipelining, field, reply, outcome, detail
+    smtp, backend, pipelining, field, reply, outcome, detail, throttled
 ):
     smtp.behaviour.pipelining = pipelining
     setattr(smtp.behaviour, field, reply)
     result = send_one(connection=backend, message=_raw("a@example.org"))
     assert result.outcome is outcome
+    assert result.throttled is throttled
     assert result.detail.startswith(detail)
     assert smtp.accepted == []
     setattr(smtp.behaviour, field, None)

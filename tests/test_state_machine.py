@@ -99,13 +99,13 @@ PROFILE = os.environ.get("EDSMART_STATE_MACHINE_PROFILE", "state-machine")
 # several times so that most sends succeed and rows get far enough to meet late events.
 REPLIES: dict[str, tuple[Behaviour, Outcome]] = {
     "ok": (Behaviour(), Outcome.ACCEPTED),
-    "rcpt_451": (Behaviour(rcpt_reply="451 4.3.0 Try again later"), Outcome.RETRY),
+    "rcpt_450": (Behaviour(rcpt_reply="450 4.2.0 Mailbox busy"), Outcome.RETRY),
     "rcpt_550": (Behaviour(rcpt_reply="550 5.1.1 No such user"), Outcome.FAILED),
-    "data_451": (Behaviour(data_reply="451 4.3.0 Queue full"), Outcome.RETRY),
+    "data_450": (Behaviour(data_reply="450 4.2.0 Mailbox busy"), Outcome.RETRY),
     "data_554": (Behaviour(data_reply="554 5.6.0 Rejected"), Outcome.FAILED),
     "stall": (Behaviour(stall=STALL_SECONDS), Outcome.UNKNOWN),
 }
-REPLY_CHOICES = ["ok", "ok", "ok", "rcpt_451", "rcpt_550", "data_451", "data_554", "stall"]
+REPLY_CHOICES = ["ok", "ok", "ok", "rcpt_450", "rcpt_550", "data_450", "data_554", "stall"]
 WORKER_ACTIONS = [*REPLY_CHOICES, "crash"]
 # Three worker processes: (mailing index or None for any, batch size).
 WORKERS = [(0, 2), (1, 2), (None, 3)]
@@ -128,7 +128,7 @@ OPS: list[tuple] = [
     ("staff", "resume all", 0),
     *[("staff", "toggle pause", i) for i in range(2)],
     *[("staff", "cancel", i) for i in range(3)],
-    *[("batch", None, reply) for reply in ("ok", "rcpt_451", "data_554", "stall")],
+    *[("batch", None, reply) for reply in ("ok", "rcpt_450", "data_554", "stall")],
     ("batch", 0, "ok"),
     ("batch", 1, "ok"),
     *[("resolve_unknown", i, resend) for i in range(2) for resend in (False, True)],
@@ -608,7 +608,7 @@ def test_4xx_for_a_send_in_flight_when_its_message_is_cancelled_settles(
     settings.EDSMART_MAX_ATTEMPTS = MAX_ATTEMPTS
     source, claimed = _one_delivery_in_flight(school)
     message_cancel(message=source)
-    refused = SendResult(Outcome.RETRY, "RCPT TO refused: 451 4.3.0 Try again later")
+    refused = SendResult(Outcome.RETRY, "RCPT TO refused: 450 4.2.0 Mailbox busy")
     transitions.delivery_record(claimed=claimed, result=refused)
     _settle_and_assert_terminal()
     assert not smtp.accepted
@@ -624,7 +624,7 @@ def test_late_4xx_after_the_mailing_completed_on_unknown_settles(
     Delivery.objects.update(lease_until=timezone.now() - dt.timedelta(seconds=1))
     sweep.sweep()
     assert Mailing.objects.get().status == Mailing.Status.COMPLETED
-    refused = SendResult(Outcome.RETRY, "RCPT TO refused: 451 4.3.0 Try again later")
+    refused = SendResult(Outcome.RETRY, "RCPT TO refused: 450 4.2.0 Mailbox busy")
     assert transitions.delivery_record(claimed=claimed, result=refused) == S.RETRY_WAIT
     _settle_and_assert_terminal()
     assert_exactly_once(smtp.accepted)

@@ -54,6 +54,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--send-at", default="now", help="ISO date-time, or 'now' (the default)."
         )
+        parser.add_argument(
+            "--urgent",
+            action="store_true",
+            help="Broadcasts only: a closure or an emergency, sent ahead of all other mail.",
+        )
 
     def handle(self, *args: object, **options: object) -> None:
         school = School.objects.filter(slug=options["school"]).first()
@@ -72,6 +77,8 @@ class Command(BaseCommand):
             if kind != "slip":
                 raise CommandError("--due applies to slips only; broadcasts take no response.")
             due_at = _parse_when(str(options["due"]), tz=tz, option="--due", end_of_day=True)
+        if options["urgent"] and kind != "broadcast":
+            raise CommandError("--urgent applies to broadcasts only.")
 
         # One transaction: a message that fails validation or scheduling leaves no draft (and no
         # audience made for it) behind.
@@ -88,6 +95,8 @@ class Command(BaseCommand):
                 )
                 if due_at is not None:
                     message.due_at = due_at
+                if options["urgent"]:
+                    message.urgent = True
                 message.full_clean()
                 message.save()
                 message = message_schedule(message=message, send_at=send_at)
