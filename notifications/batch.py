@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -186,12 +187,15 @@ def _next_turn() -> fairshare.Turn | None:
         return _ANY
 
 
-def turns_send(*, hint: int | None = None) -> BatchReport:
+def turns_send(
+    *, hint: int | None = None, between_turns: Callable[[], None] | None = None
+) -> BatchReport:
     """What a worker's send task runs: turn after turn until nothing is listed, sending is
     stopped, or EDSMART_BATCH_SECONDS are used up (then the next batch is chained).
 
     ``hint`` is the mailing whose nudge started this batch: listed again first, in case Redis
-    lost the list between the nudge and now.
+    lost the list between the nudge and now. ``between_turns`` runs before each turn (the
+    task passes beat's duties, which would otherwise queue behind busy batches at peak).
     """
     _refuse_inside_atomic()
     if hint is not None:
@@ -207,6 +211,8 @@ def turns_send(*, hint: int | None = None) -> BatchReport:
                 if time.monotonic() > deadline:
                     report.stopped = "batch time used up"
                     break
+                if between_turns is not None:
+                    between_turns()
                 turn = _next_turn()
                 if turn is None:
                     break

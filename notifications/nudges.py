@@ -82,6 +82,15 @@ def list_for_turns(
         log.warning("could not list mailing %s for turns in Redis", mailing_id, exc_info=True)
 
 
+def take_duty(name: str, *, every: float) -> bool:
+    """True for the one caller in the fleet that takes duty ``name`` in this period of
+    ``every`` seconds (a Redis key set only if absent, expiring after the period)."""
+    try:
+        return bool(redis_client().set(f"edsmart:duty:{name}", 1, nx=True, px=int(every * 1000)))
+    except redis.RedisError:
+        return False
+
+
 def enqueue_batches(mailing_id: int | None, total: int | None) -> int:
     """List the mailing for turns and publish send-batch tasks. Failures are logged and
     swallowed: the sweeper retries."""

@@ -304,6 +304,27 @@ def test_a_small_school_is_not_held_behind_a_big_one(rig, settings):
 
 
 @pytest.mark.workers
+def test_busy_batches_pick_up_due_messages_themselves(rig, settings):
+    """Every pool process busy sending (and no beat at all): a slip that falls due is still
+    dispatched and sent before the bulk ends, by a batch between its turns."""
+    _redis, procs, smtp = rig
+    bulk = factories.make_school(slug="busy")
+    bulk_audience = _families(bulk, 300, tag="busy")
+    small = factories.make_school(slug="waiting")
+    small_audience = _families(small, 10, tag="wait")
+    procs.worker("w", concurrency=1, env={"EDSMART_SEND_RATE": "40"})
+    _due_now(factories.make_broadcast(school=bulk, audience=bulk_audience))
+    wait_until(lambda: len(smtp.accepted) >= 20, timeout=60, message="the bulk sending")
+    slip = factories.make_slip(school=small, audience=small_audience)
+    message_schedule(message=slip, send_at=timezone.now())  # no dispatch_due from here
+    _all_sent(smtp, 310, procs)
+    accepted = list(smtp.accepted)
+    [mailing_id] = Mailing.objects.filter(slip=slip).values_list("pk", flat=True)
+    positions = _positions(accepted, mailing_id)
+    assert len(positions) == 10 and positions[-1] < 200, positions
+
+
+@pytest.mark.workers
 def test_urgent_goes_ahead_of_everything(rig, settings):
     _redis, procs, smtp = rig
     bulk = factories.make_school(slug="bulk")
