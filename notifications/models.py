@@ -174,6 +174,15 @@ class Delivery(models.Model):
                 condition=Q(status__in=["pending", "retry_wait"]),
                 name="delivery_claimable",
             ),
+            # A turn claims one mailing's next rows in id order: this reads them straight off
+            # the index, where (mailing, status) would sort all of a 50,000-row mailing's
+            # pending rows at every claim. Partial, so the per-email moves (claimed,
+            # submitting, sent) never insert into it; only fan-out, retries and give-backs do.
+            models.Index(
+                fields=["mailing", "id"],
+                condition=Q(status__in=["pending", "retry_wait"]),
+                name="delivery_claimable_in_mailing",
+            ),
             models.Index(
                 fields=["status", "lease_until"],
                 condition=Q(status__in=["claimed", "submitting"]),
