@@ -1,16 +1,18 @@
 """A minimal SMTP sink for benchmarks: accepts everything, counts messages, keeps nothing.
 
 Run as ``python bench/smtp_sink.py PORT [--no-pipelining] [--record FILE]``; it prints
-``ready``, then the count on SIGTERM. It offers PIPELINING (RFC 2920) as Postfix and the big
-providers do, unless told not to. With ``--record FILE`` (bench/soak.py) it also appends one
-line per accepted recipient, written out as the 250 goes back: the acceptance time (Unix
-seconds), the message's ``X-EdSmart-Delivery`` header (``-`` when it has none) and the RCPT
-address (``-`` when unreadable), separated by spaces.
+``ready``, then on SIGTERM ``messages M bytes B`` (the messages' size as sent, so that a
+benchmark can show its contenders sent emails of a size) and, last, ``accepted N`` (recipients).
+It offers PIPELINING (RFC 2920) as Postfix and the big providers do, unless told not to. With
+``--record FILE`` (bench/soak.py) it also appends one line per accepted recipient, written out
+as the 250 goes back: the acceptance time (Unix seconds), the message's ``X-EdSmart-Delivery``
+header (``-`` when it has none) and the RCPT address (``-`` when unreadable), separated by
+spaces.
 
 It speaks just enough SMTP (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT) over a bare
 asyncio protocol. aiosmtpd, which the tests use for its fault injection, costs about 4 ms of
-server CPU per message on this machine and would make the sink the thing measured; baseline
-and pipeline both send here, so neither is favoured.
+server CPU per message on this machine and would make the sink the thing measured; every
+contender in bench/send_throughput.py sends here, so none is favoured.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ RCPT_ADDRESS = re.compile(rb"<([^>]*)>")
 
 class SinkProtocol(asyncio.Protocol):
     accepted = 0
+    messages = 0
+    message_bytes = 0  # DATA content as sent (dot-stuffed), without the terminating "."
     ehlo = b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
     record: BinaryIO | None = None  # --record: one line per accepted recipient
 
@@ -52,6 +56,9 @@ class SinkProtocol(asyncio.Protocol):
                 self.buffer = self.buffer[end + len(DATA_END) :]
                 self.in_data = False
                 SinkProtocol.accepted += self.rcpts
+                SinkProtocol.messages += 1
+                # The CRLF kept in front stands in for the last line's, which DATA_END holds.
+                SinkProtocol.message_bytes += end
                 self.rcpts = 0
                 self.rcpt_addresses = []
                 self.transport.write(b"250 2.0.0 Ok: queued\r\n")
@@ -112,6 +119,7 @@ async def serve(port: int) -> None:
     server.close()
     if SinkProtocol.record is not None:
         SinkProtocol.record.close()
+    print(f"messages {SinkProtocol.messages} bytes {SinkProtocol.message_bytes}")
     print(f"accepted {SinkProtocol.accepted}", flush=True)
 
 
