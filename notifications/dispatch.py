@@ -8,15 +8,19 @@ nudged on commit; the sweeper is what guarantees they run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterable
 
+import redis
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import transaction
 from django.utils import timezone
+from redis.exceptions import LockError
 
+from edsmart.redis_client import redis_client
 from notifications import nudges, transitions
 from notifications.models import DeliveryStatus, Mailing
 from notifications.sweep import mailings_complete
@@ -33,44 +37,84 @@ log = logging.getLogger("edsmart.pipeline")
 S = DeliveryStatus
 
 
-def dispatch_due(*, limit: int = 50) -> list[int]:
-    """Move every due slip and broadcast to ``sending`` and fan it out. Returns mailing ids.
+# One dispatcher at a time across the fleet (a Redis lock, renewed after each message): a
+# fan-out of 50,000 families takes seconds of CPU, and when every worker process was fanning
+# out a big school's broadcasts at once, nothing was sent for 12 s and the other schools' slips
+# waited to be dispatched at all. One pass fans out, the other processes keep sending, and the
+# pass re-reads the due list after each message, so a slip or an urgent broadcast that falls
+# due while a big fan-out runs goes next. Without Redis every pass runs (each message is still
+# fanned out once: the conditional UPDATE decides).
+DISPATCH_LOCK = "edsmart:dispatching"
+DISPATCH_LOCK_SECONDS = 30
 
-    Safe to run twice at once (two beat schedulers): the conditional UPDATE on the source row
-    lets exactly one transaction win; the loser updates zero rows and moves on.
+
+def dispatch_due(*, limit: int = 50) -> list[int]:
+    """Move due slips, broadcasts and reminder rounds to ``sending`` and fan them out, one at
+    a time, most pressing first: urgent broadcasts, then slips, then reminders, then other
+    broadcasts, each lane by send time. Returns the mailing ids this pass created ([] when
+    another pass is running: it will take them).
+
+    Safe to run twice at once (two beat schedulers, a lock lost with Redis): the conditional
+    UPDATE on the source row lets exactly one transaction win; the loser updates zero rows and
+    moves on.
     """
-    now = timezone.now()
-    created: list[int] = []
-    # Urgent broadcasts first: at a busy minute their fan-out should not wait behind others'.
-    lanes: list[tuple[type[Slip] | type[Broadcast], dict]] = [
-        (Broadcast, {"urgent": True}),
-        (Slip, {}),
-        (Broadcast, {"urgent": False}),
-    ]
-    for model, lane in lanes:
-        due = (
-            model.objects.filter(status=SendStatus.SCHEDULED, send_at__lte=now, **lane)
-            .order_by("send_at")
-            .values_list("pk", flat=True)[:limit]
+    lock = None
+    try:
+        lock = redis_client().lock(
+            DISPATCH_LOCK, timeout=DISPATCH_LOCK_SECONDS, blocking=False, thread_local=False
         )
-        for pk in list(due):
-            mailing_id = _dispatch_one(model, pk)
+        if not lock.acquire():
+            return []
+    except redis.RedisError:
+        log.warning("Redis unreachable: dispatching without the one-dispatcher lock")
+        lock = None
+    created: list[int] = []
+    try:
+        for _ in range(limit):
+            due = _next_due()
+            if due is None:
+                break
+            mailing_id = _dispatch(*due)
             if mailing_id is not None:
                 created.append(mailing_id)
-    rounds = (
-        ReminderRound.objects.filter(
-            status=ReminderRound.Status.SCHEDULED,
-            send_at__lte=now,
-            slip__status__in=[SendStatus.SENDING, SendStatus.SENT],
-        )
-        .order_by("send_at")
-        .values_list("pk", flat=True)[:limit]
-    )
-    for pk in list(rounds):
-        mailing_id = _dispatch_reminder(pk)
-        if mailing_id is not None:
-            created.append(mailing_id)
+            if lock is not None:
+                with contextlib.suppress(redis.RedisError, LockError):
+                    lock.extend(DISPATCH_LOCK_SECONDS, replace_ttl=True)
+    finally:
+        if lock is not None:
+            with contextlib.suppress(redis.RedisError, LockError):
+                lock.release()
     return created
+
+
+def _next_due() -> tuple[str, int] | None:
+    """The most pressing due message: (kind, id)."""
+    now = timezone.now()
+    scheduled = {"status": SendStatus.SCHEDULED, "send_at__lte": now}
+    lanes = (
+        ("broadcast", Broadcast.objects.filter(urgent=True, **scheduled)),
+        ("slip", Slip.objects.filter(**scheduled)),
+        (
+            "reminder",
+            ReminderRound.objects.filter(
+                status=ReminderRound.Status.SCHEDULED,
+                send_at__lte=now,
+                slip__status__in=[SendStatus.SENDING, SendStatus.SENT],
+            ),
+        ),
+        ("broadcast", Broadcast.objects.filter(urgent=False, **scheduled)),
+    )
+    for kind, due in lanes:
+        pk = due.order_by("send_at", "pk").values_list("pk", flat=True).first()
+        if pk is not None:
+            return kind, pk
+    return None
+
+
+def _dispatch(kind: str, pk: int) -> int | None:
+    if kind == "reminder":
+        return _dispatch_reminder(pk)
+    return _dispatch_one(Slip if kind == "slip" else Broadcast, pk)
 
 
 def _dispatch_reminder(pk: int) -> int | None:

@@ -476,3 +476,15 @@ def test_global_switch_goes_through_the_pipeline(db, redis_client):
     )
     _action(client, SendingSwitch, "resume_all", [1])
     assert not SendingSwitch.current().paused
+
+
+def test_staff_mark_a_broadcast_urgent_and_it_shows_in_the_list(school, audience, client):
+    broadcast = factories.make_broadcast(school=school, audience=audience)
+    post = {"title": broadcast.title, "body": broadcast.body, "audience": audience.pk}
+    post.update(_split(_soon(3), "send_at"))
+    response = client.post(_change_url(broadcast), {**post, "urgent": "on", "_schedule": "1"})
+    assert response.status_code == 302, _form_errors(response)
+    broadcast.refresh_from_db()
+    assert broadcast.urgent and broadcast.status == SendStatus.SCHEDULED
+    listing = client.get(reverse("admin:slips_broadcast_changelist") + "?urgent__exact=1")
+    assert broadcast.title in listing.content.decode()

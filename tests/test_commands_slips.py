@@ -348,3 +348,17 @@ def test_seed_demo_never_resets_a_password(monkeypatch):
         assert "edsmart-demo" not in out and "yet-another-one" not in out
     assert row_counts() == counts
     assert Slip.objects.filter(school__slug="demo").count() == 1
+
+
+@pytest.mark.django_db
+def test_compose_urgent_marks_a_broadcast_and_refuses_a_slip(family_school):
+    handle = compose(
+        "broadcast", "--school", family_school.slug, "--audience", "all",
+        "--title", "Closed today", "--body", "Burst water main.", "--urgent",
+    )  # fmt: skip
+    assert Broadcast.objects.get(pk=_id_from_handle(handle, kind="broadcast")).urgent
+    with pytest.raises(CommandError, match="--urgent applies to broadcasts only"):
+        compose(
+            "slip", "--school", family_school.slug, "--audience", "all",
+            "--title", "T", "--body", "B", "--urgent",
+        )  # fmt: skip

@@ -144,3 +144,15 @@ def test_recently_cleared_alerts_are_listed(client, superuser):
     )
     html = get(client).content.decode()
     assert "celery beat is silent (test)" in html
+
+
+def test_the_send_rate_in_force_is_shown(superuser, client, settings, redis_client):
+    from notifications import ratelimit
+
+    settings.EDSMART_SEND_RATE = 40
+    settings.EDSMART_SEND_RATE_RECOVERY_SECONDS = 300
+    assert "capped at 40.0 emails/s" in get(client).content.decode()
+    ratelimit.backoff(detail="451 4.7.1 slow down")
+    page = get(client).content.decode()
+    assert "backed off to 20.0 emails/s" in page and "(cap 40.0)" in page
+    assert "Throttling replies since Redis started: 1" in page

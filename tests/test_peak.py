@@ -9,6 +9,7 @@ timings. How fast each lane finishes is the peak bench's job (bench/peak.py).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from django.utils import timezone
 
 from notifications import dispatch, fairshare, ratelimit
 from notifications.models import Delivery, DeliveryStatus, Mailing
-from slips.models import Audience, Guardian, School, Student
+from slips.models import Audience, Broadcast, Guardian, School, Slip, Student
 from slips.services import message_schedule
 from tests import factories
 from tests.invariants import assert_exactly_once
@@ -136,6 +137,43 @@ def test_redis_away_means_waiting_not_sending(settings):
     assert time.monotonic() - start >= 0.9
 
 
+# --- dispatch: most pressing first, one dispatcher at a time ------------------------------------
+
+
+@pytest.mark.django_db
+def test_dispatch_takes_urgent_then_slips_then_broadcasts(school, redis_client):
+    audience = factories.make_audience(school=school)
+    factories.make_family(school=school)
+    earlier = timezone.now() - dt.timedelta(minutes=5)
+    plain = factories.make_broadcast(school=school, audience=audience)
+    slip = factories.make_slip(school=school, audience=audience)
+    urgent = factories.make_broadcast(school=school, audience=audience, urgent=True)
+    for message in (plain, slip, urgent):
+        message_schedule(message=message, send_at=timezone.now())
+    Broadcast.objects.filter(pk=plain.pk).update(send_at=earlier)  # due first, still last
+    created = dispatch.dispatch_due()
+    sources = [Mailing.objects.get(pk=pk) for pk in created]
+    assert [(m.broadcast_id, m.slip_id) for m in sources] == [
+        (urgent.pk, None),
+        (None, slip.pk),
+        (plain.pk, None),
+    ]
+    assert sources[0].urgent and not sources[2].urgent
+
+
+@pytest.mark.django_db
+def test_a_second_dispatcher_leaves_the_work_to_the_running_one(school, redis_client):
+    audience = factories.make_audience(school=school)
+    factories.make_family(school=school)
+    message_schedule(message=factories.make_slip(school=school, audience=audience))
+    running = redis_client.lock(dispatch.DISPATCH_LOCK, timeout=5)
+    assert running.acquire(blocking=False)
+    assert dispatch.dispatch_due() == []
+    assert not Mailing.objects.exists()
+    running.release()
+    assert len(dispatch.dispatch_due()) == 1
+
+
 # --- real workers --------------------------------------------------------------------------------
 
 
@@ -196,9 +234,20 @@ def _families(school: School, n: int, *, tag: str) -> Audience:
     return factories.make_audience(school=school)
 
 
-def _due_now(message: object) -> list[int]:
+def _due_now(message: Slip | Broadcast) -> list[int]:
+    """Make ``message`` due and dispatch it; returns its mailing's id (in a list). A worker's
+    batch may be the dispatcher that takes it (one dispatcher at a time), so this waits for
+    the mailing rather than trusting this call's own result."""
     message_schedule(message=message, send_at=timezone.now())
-    return dispatch.dispatch_due()
+    dispatch.dispatch_due()
+    source = {"slip": message} if isinstance(message, Slip) else {"broadcast": message}
+    return [
+        wait_until(
+            lambda: Mailing.objects.filter(**source).values_list("pk", flat=True).first(),
+            timeout=30,
+            message=f"{message} dispatched",
+        )
+    ]
 
 
 def _all_sent(smtp: SMTPServer, total: int, procs: Processes, timeout: float = 90) -> None:
