@@ -19,6 +19,7 @@ from django.core.validators import validate_email
 from django.db import transaction
 from django.utils import timezone
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from edsmart.redis_client import redis_client
 from notifications import nudges, transitions
@@ -30,65 +31,92 @@ from slips.audiences import (
     audience_students,
     recipients_for_students,
 )
-from slips.models import Broadcast, ReminderRound, Response, SendStatus, Slip
+from slips.models import Audience, Broadcast, ReminderRound, Response, SendStatus, Slip
 
 log = logging.getLogger("edsmart.pipeline")
 
 S = DeliveryStatus
 
 
-# One dispatcher at a time across the fleet (a Redis lock, renewed after each message): a
-# fan-out of 50,000 families takes seconds of CPU, and when every worker process was fanning
-# out a big school's broadcasts at once, nothing was sent for 12 s and the other schools' slips
-# waited to be dispatched at all. One pass fans out, the other processes keep sending, and the
-# pass re-reads the due list after each message, so a slip or an urgent broadcast that falls
-# due while a big fan-out runs goes next. Without Redis every pass runs (each message is still
-# fanned out once: the conditional UPDATE decides).
+# Fanning out 50,000 families takes seconds of CPU. When every worker process was fanning out a
+# big school's broadcasts at once, nothing was sent for 12 s and other schools' slips waited to
+# be dispatched at all. So a large message (more students than QUICK_FAN_OUT) is fanned out by
+# one dispatcher at a time across the fleet (a Redis lock, renewed after each message) while
+# the other processes keep sending; small messages go at once, from any dispatcher, before any
+# large one. Every pass re-reads the due list after each message, so a slip or an urgent
+# broadcast that falls due while a big fan-out runs goes next. Without Redis every pass takes
+# large ones too (each message is still fanned out once: the conditional UPDATE decides).
+QUICK_FAN_OUT = 2000
 DISPATCH_LOCK = "edsmart:dispatching"
 DISPATCH_LOCK_SECONDS = 30
 
 
 def dispatch_due(*, limit: int = 50) -> list[int]:
     """Move due slips, broadcasts and reminder rounds to ``sending`` and fan them out, one at
-    a time, most pressing first: urgent broadcasts, then slips, then reminders, then other
-    broadcasts, each lane by send time. Returns the mailing ids this pass created ([] when
-    another pass is running: it will take them).
+    a time: small messages before large ones, and within each, urgent broadcasts, then slips,
+    then reminders, then other broadcasts, each by send time. Returns the mailing ids this
+    pass created (a large message another pass is fanning out is not waited for).
 
     Safe to run twice at once (two beat schedulers, a lock lost with Redis): the conditional
     UPDATE on the source row lets exactly one transaction win; the loser updates zero rows and
     moves on.
     """
-    lock = None
-    try:
-        lock = redis_client().lock(
-            DISPATCH_LOCK, timeout=DISPATCH_LOCK_SECONDS, blocking=False, thread_local=False
-        )
-        if not lock.acquire():
-            return []
-    except redis.RedisError:
-        log.warning("Redis unreachable: dispatching without the one-dispatcher lock")
-        lock = None
     created: list[int] = []
+    bulk: _BulkLock | None = None
+    sizes: dict[tuple[str, int], int] = {}
     try:
         for _ in range(limit):
-            due = _next_due()
+            due = _next_due(large=False, sizes=sizes)
             if due is None:
-                break
+                if bulk is None:
+                    bulk = _BulkLock.take()
+                if not bulk.held:
+                    break
+                due = _next_due(large=True, sizes=sizes)
+                if due is None:
+                    break
+                bulk.extend()
             mailing_id = _dispatch(*due)
             if mailing_id is not None:
                 created.append(mailing_id)
-            if lock is not None:
-                with contextlib.suppress(redis.RedisError, LockError):
-                    lock.extend(DISPATCH_LOCK_SECONDS, replace_ttl=True)
     finally:
-        if lock is not None:
-            with contextlib.suppress(redis.RedisError, LockError):
-                lock.release()
+        if bulk is not None:
+            bulk.release()
     return created
 
 
-def _next_due() -> tuple[str, int] | None:
-    """The most pressing due message: (kind, id)."""
+class _BulkLock:
+    """The right to fan out large messages: one holder in the fleet at a time."""
+
+    def __init__(self, lock: Lock | None, held: bool) -> None:
+        self._lock = lock
+        self.held = held
+
+    @classmethod
+    def take(cls) -> _BulkLock:
+        try:
+            lock = redis_client().lock(
+                DISPATCH_LOCK, timeout=DISPATCH_LOCK_SECONDS, blocking=False, thread_local=False
+            )
+            return cls(lock, bool(lock.acquire()))
+        except redis.RedisError:
+            log.warning("Redis unreachable: fanning out large messages without the lock")
+            return cls(None, True)
+
+    def extend(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(redis.RedisError, LockError):
+                self._lock.extend(DISPATCH_LOCK_SECONDS, replace_ttl=True)
+
+    def release(self) -> None:
+        if self._lock is not None and self.held:
+            with contextlib.suppress(redis.RedisError, LockError):
+                self._lock.release()
+
+
+def _next_due(*, large: bool, sizes: dict[tuple[str, int], int]) -> tuple[str, int] | None:
+    """The most pressing due message of that size: (kind, id). ``large`` takes any size;
+    ``sizes`` keeps the pass's audience counts."""
     now = timezone.now()
     scheduled = {"status": SendStatus.SCHEDULED, "send_at__lte": now}
     lanes = (
@@ -105,10 +133,32 @@ def _next_due() -> tuple[str, int] | None:
         ("broadcast", Broadcast.objects.filter(urgent=False, **scheduled)),
     )
     for kind, due in lanes:
-        pk = due.order_by("send_at", "pk").values_list("pk", flat=True).first()
-        if pk is not None:
-            return kind, pk
+        if kind == "reminder":
+            rows = due.select_related("slip__audience").order_by("send_at", "pk")
+            candidates = ((r.pk, r.slip.audience) for r in rows[:QUICK_SCAN])
+        else:
+            rows = due.select_related("audience").order_by("send_at", "pk")
+            candidates = ((m.pk, m.audience) for m in rows[:QUICK_SCAN])
+        for pk, audience in candidates:
+            if large:
+                return kind, pk
+            if (kind, pk) not in sizes:
+                sizes[(kind, pk)] = _students(audience)
+            if sizes[(kind, pk)] <= QUICK_FAN_OUT:
+                return kind, pk
     return None
+
+
+# How many due messages of a lane are looked at for a small one; more due at once than this
+# and the rest wait for the next pass.
+QUICK_SCAN = 50
+
+
+def _students(audience: Audience | None) -> int:
+    """Students the audience covers: an upper bound on the fan-out, cheap to count."""
+    if audience is None:
+        return 0
+    return audience_students(audience).count()
 
 
 def _dispatch(kind: str, pk: int) -> int | None:

@@ -162,16 +162,27 @@ def test_dispatch_takes_urgent_then_slips_then_broadcasts(school, redis_client):
 
 
 @pytest.mark.django_db
-def test_a_second_dispatcher_leaves_the_work_to_the_running_one(school, redis_client):
-    audience = factories.make_audience(school=school)
-    factories.make_family(school=school)
-    message_schedule(message=factories.make_slip(school=school, audience=audience))
+def test_large_fan_outs_take_turns_and_small_ones_do_not_wait(school, redis_client, monkeypatch):
+    monkeypatch.setattr(dispatch, "QUICK_FAN_OUT", 2)
+    for _ in range(3):
+        factories.make_family(school=school)
+    audience = factories.make_audience(school=school)  # 3 students: "large" here
+    small_audience = factories.make_audience(
+        school=school, whole_school=False, students=list(school.students.all()[:1])
+    )
+    big = factories.make_broadcast(school=school, audience=audience)
+    small = factories.make_slip(school=school, audience=small_audience)
+    for message in (big, small):
+        message_schedule(message=message, send_at=timezone.now())
     running = redis_client.lock(dispatch.DISPATCH_LOCK, timeout=5)
-    assert running.acquire(blocking=False)
-    assert dispatch.dispatch_due() == []
-    assert not Mailing.objects.exists()
+    assert running.acquire(blocking=False)  # another pass is fanning out a large message
+    [created] = dispatch.dispatch_due()
+    assert Mailing.objects.get(pk=created).slip_id == small.pk
+    assert not Mailing.objects.filter(broadcast=big).exists()
     running.release()
-    assert len(dispatch.dispatch_due()) == 1
+    [created] = dispatch.dispatch_due()
+    assert Mailing.objects.get(pk=created).broadcast_id == big.pk
+    assert not redis_client.exists(dispatch.DISPATCH_LOCK)  # released at the end of the pass
 
 
 # --- real workers --------------------------------------------------------------------------------
