@@ -35,7 +35,8 @@ def periodic_duties() -> None:
     twice at once.
     """
     try:
-        if nudges.take_duty("dispatch", every=settings.EDSMART_DISPATCH_INTERVAL_SECONDS):
+        # Twice per beat interval: a due message waits half a second on average, not a whole.
+        if nudges.take_duty("dispatch", every=settings.EDSMART_DISPATCH_INTERVAL_SECONDS / 2):
             dispatch.dispatch_due()
         if nudges.take_duty("sweep", every=settings.EDSMART_SWEEP_INTERVAL_SECONDS):
             sweep.sweep()
