@@ -334,6 +334,29 @@ def test_throttling_is_not_charged_and_backs_the_shared_rate_off(rig, settings, 
     assert 15 <= effective < 40
 
 
+@pytest.mark.workers
+def test_with_redis_away_a_capped_fleet_waits_then_sends_each_once(rig, settings):
+    """The bucket lives in Redis: while it is unreachable nothing is sent (an email already
+    past its slot may finish), and when Redis is back (empty) everything goes out once."""
+    redis_server, procs, smtp = rig
+    school = factories.make_school(slug="outage")
+    audience = _families(school, 150, tag="out")
+    env = {"EDSMART_SEND_RATE": "30", "EDSMART_SWEEP_INTERVAL_SECONDS": "1"}
+    procs.worker("w", concurrency=1, env=env)
+    procs.beat("beat", env=env)
+    _due_now(factories.make_broadcast(school=school, audience=audience))
+    wait_until(lambda: len(smtp.accepted) >= 20, timeout=60, message="sending under the cap")
+    redis_server.stop()
+    time.sleep(0.5)  # an email that had its slot finishes
+    during = len(smtp.accepted)
+    time.sleep(3)
+    assert len(smtp.accepted) == during, "sent while the shared rate was unreachable"
+    redis_server.start()
+    _all_sent(smtp, 150, procs, timeout=120)
+    assert_exactly_once(smtp.accepted)
+    assert _busiest_second(smtp.accepted) <= 30 * 1.1
+
+
 def _positions(accepted: list[Accepted], mailing_id: int) -> list[int]:
     ids = set(Delivery.objects.filter(mailing_id=mailing_id).values_list("pk", flat=True))
     return [i for i, a in enumerate(accepted) if a.delivery_id in ids]
