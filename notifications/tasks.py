@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 # heartbeats is imported for its Celery signal receivers: beat and workers import this module.
@@ -40,6 +41,8 @@ def periodic_duties() -> None:
             dispatch.dispatch_due()
         if nudges.take_duty("sweep", every=settings.EDSMART_SWEEP_INTERVAL_SECONDS):
             sweep.sweep()
+    except SoftTimeLimitExceeded:
+        raise  # the task is being told to stop: the batch must hear it
     except Exception:
         # Beat's own tasks still run these; a failure here must not end the batch's sending.
         log.exception("a periodic duty failed between send turns")
