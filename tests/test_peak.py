@@ -429,3 +429,24 @@ def test_urgent_goes_ahead_of_everything(rig, settings):
     # At most the chunk in flight went before it; once started, nothing normal in between.
     assert positions[0] - due_at <= 20, (due_at, positions[:3])
     assert positions[-1] - positions[0] == len(positions) - 1 == 59
+
+
+def test_duties_between_turns_swallow_failures_but_not_a_soft_time_limit(redis_client, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from notifications import tasks
+
+    def broken() -> list[int]:
+        raise RuntimeError("dispatch broke")
+
+    monkeypatch.setattr(dispatch, "dispatch_due", broken)
+    monkeypatch.setattr(tasks.sweep, "sweep", lambda: None)
+    tasks.periodic_duties()  # logged; the batch goes on sending
+
+    def stopped() -> list[int]:
+        raise SoftTimeLimitExceeded()
+
+    redis_client.flushdb()  # the dispatch duty's period starts again
+    monkeypatch.setattr(dispatch, "dispatch_due", stopped)
+    with pytest.raises(SoftTimeLimitExceeded):
+        tasks.periodic_duties()
