@@ -116,6 +116,7 @@ from bench.soak import (  # noqa: E402
     db_forget,
     django_setup,
     roles_env,
+    school_create,
     uninterruptible,
     wait_for,
 )
@@ -253,37 +254,6 @@ def urgent_field_check() -> None:
         ) from None
 
 
-def school_create(slug: str, name: str, families: int) -> tuple[int, list[int]]:
-    """A school of ``families`` families, one guardian (an address of their own) and one
-    student each; returns the school id and its students' ids."""
-    from slips.models import Guardian, School, Student, normalize_email
-
-    school = School.objects.create(name=name, slug=slug, sender_email=f"office@{slug}.example.org")
-    kids = Student.objects.bulk_create(
-        [
-            Student(school=school, first_name=f"Kid{i}", last_name="Peak", year_level="3")
-            for i in range(families)
-        ],
-        batch_size=5000,
-    )
-    emails = [f"parent{i}@{slug}.example.net" for i in range(families)]
-    adults = Guardian.objects.bulk_create(
-        [
-            Guardian(
-                school=school, name=f"Parent {i}", email=e, email_normalized=normalize_email(e)
-            )
-            for i, e in enumerate(emails)
-        ],
-        batch_size=5000,
-    )
-    link = Guardian.students.through
-    link.objects.bulk_create(
-        [link(guardian_id=g.pk, student_id=k.pk) for g, k in zip(adults, kids, strict=True)],
-        batch_size=5000,
-    )
-    return school.pk, [k.pk for k in kids]
-
-
 def audience_create(school_id: int, name: str, student_ids: list[int] | None) -> int:
     """The whole school (``student_ids`` None), or exactly these students."""
     from django.db import connection
@@ -351,7 +321,7 @@ def seed(opts: Options) -> Plan:
     rng = random.Random(opts.seed)
     big_sizes, small_sizes = plan_sizes(opts.scale, opts.seed)
     largest = max(big_sizes)
-    big_id, big_students = school_create("big", "Big School", largest)
+    big_id, big_students = school_create("big", "Big School", largest, last_name="Peak")
     big: list[Message] = []
     for i, n in enumerate(big_sizes):
         whole = n == largest and not any(m.expected == largest for m in big)
@@ -364,12 +334,12 @@ def seed(opts: Options) -> Plan:
     small: list[Message] = []
     for i, n in enumerate(small_sizes):
         slug = f"small-{i + 1:02d}"
-        school_id, _ = school_create(slug, f"Small School {i + 1}", n)
+        school_id, _ = school_create(slug, f"Small School {i + 1}", n, last_name="Peak")
         audience = audience_create(school_id, "Everyone", None)
         pk = message_create("slip", school_id, audience, f"Excursion of {slug}")
         small.append(Message("small", slug, "slip", pk, school_id, n))
 
-    urgent_school, _ = school_create("urgent", "Urgent School", URGENT_FAMILIES)
+    urgent_school, _ = school_create("urgent", "Urgent School", URGENT_FAMILIES, last_name="Peak")
     audience = audience_create(urgent_school, "Everyone", None)
     pk = message_create("broadcast", urgent_school, audience, "School closed today")
     Broadcast.objects.filter(pk=pk).update(urgent=True)

@@ -423,43 +423,52 @@ def db_forget() -> None:
         connection.close()
 
 
+def school_create(
+    slug: str, name: str, families: int, *, last_name: str = "Soak"
+) -> tuple[int, list[int]]:
+    """A school of ``families`` families, one guardian (an address of their own) and one
+    student each; returns the school id and its students' ids. Bulk inserts: tens of
+    thousands of ORM saves would take minutes."""
+    from slips.models import Guardian, School, Student, normalize_email
+
+    school = School.objects.create(name=name, slug=slug, sender_email=f"office@{slug}.example.org")
+    kids = Student.objects.bulk_create(
+        [
+            Student(school=school, first_name=f"Kid{i}", last_name=last_name, year_level="3")
+            for i in range(families)
+        ],
+        batch_size=5000,
+    )
+    emails = [f"parent{i}@{slug}.example.net" for i in range(families)]
+    adults = Guardian.objects.bulk_create(
+        [
+            Guardian(
+                school=school, name=f"Parent {i}", email=e, email_normalized=normalize_email(e)
+            )
+            for i, e in enumerate(emails)
+        ],
+        batch_size=5000,
+    )
+    link = Guardian.students.through
+    link.objects.bulk_create(
+        [link(guardian_id=g.pk, student_id=k.pk) for g, k in zip(adults, kids, strict=True)],
+        batch_size=5000,
+    )
+    return school.pk, [k.pk for k in kids]
+
+
 def seed(schools: int, families: int) -> list[int]:
     """``schools`` schools of ``families`` families, one guardian and address each; returns
     the schools' whole-school audience ids."""
     from django.db import connection
 
-    from slips.models import Audience, Guardian, School, Student, normalize_email
+    from slips.models import Audience
 
     audiences = []
     for s in range(schools):
-        slug = f"soak-{s + 1}"
-        school = School.objects.create(
-            name=f"Soak School {s + 1}", slug=slug, sender_email=f"office@{slug}.example.org"
-        )
-        kids = Student.objects.bulk_create(
-            [
-                Student(school=school, first_name=f"Kid{i}", last_name="Soak", year_level="3")
-                for i in range(families)
-            ],
-            batch_size=5000,
-        )
-        emails = [f"parent{i}@{slug}.example.net" for i in range(families)]
-        adults = Guardian.objects.bulk_create(
-            [
-                Guardian(
-                    school=school, name=f"Parent {i}", email=e, email_normalized=normalize_email(e)
-                )
-                for i, e in enumerate(emails)
-            ],
-            batch_size=5000,
-        )
-        link = Guardian.students.through
-        link.objects.bulk_create(
-            [link(guardian_id=g.pk, student_id=k.pk) for g, k in zip(adults, kids, strict=True)],
-            batch_size=5000,
-        )
+        school_id, _ = school_create(f"soak-{s + 1}", f"Soak School {s + 1}", families)
         audiences.append(
-            Audience.objects.create(school=school, name="Everyone", whole_school=True).pk
+            Audience.objects.create(school_id=school_id, name="Everyone", whole_school=True).pk
         )
     with connection.cursor() as cur:
         cur.execute("ANALYZE")  # as autovacuum would have on a live database

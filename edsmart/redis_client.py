@@ -24,3 +24,17 @@ def redis_client() -> redis.Redis:
             url, socket_timeout=2, socket_connect_timeout=2
         )
     return client
+
+
+_scripts: dict[tuple[int, str], redis.commands.core.Script] = {}
+
+
+def lua_script(source: str) -> redis.commands.core.Script:
+    """A Lua script registered once per client: calls send EVALSHA and load it on a miss
+    (after a Redis restart, say), so each call is one round trip."""
+    client = redis_client()
+    key = (id(client), source)
+    script = _scripts.get(key)
+    if script is None:
+        script = _scripts[key] = client.register_script(source)
+    return script

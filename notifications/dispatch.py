@@ -64,16 +64,15 @@ def dispatch_due(*, limit: int = 50) -> list[int]:
     """
     created: list[int] = []
     bulk: _BulkLock | None = None
-    sizes: dict[tuple[str, int], int] = {}
     try:
         for _ in range(limit):
-            due = _next_due(large=False, sizes=sizes)
+            due = _next_due(large=False)
             if due is None:
                 if bulk is None:
                     bulk = _BulkLock.take()
                 if not bulk.held:
                     break
-                due = _next_due(large=True, sizes=sizes)
+                due = _next_due(large=True)
                 if due is None:
                     break
                 bulk.extend()
@@ -115,9 +114,8 @@ class _BulkLock:
                 self._lock.release()
 
 
-def _next_due(*, large: bool, sizes: dict[tuple[str, int], int]) -> tuple[str, int] | None:
-    """The most pressing due message of that size: (kind, id). ``large`` takes any size;
-    ``sizes`` keeps the pass's audience counts."""
+def _next_due(*, large: bool) -> tuple[str, int] | None:
+    """The most pressing due message of that size: (kind, id). ``large`` takes any size."""
     now = timezone.now()
     scheduled = {"status": SendStatus.SCHEDULED, "send_at__lte": now}
     lanes = (
@@ -141,11 +139,7 @@ def _next_due(*, large: bool, sizes: dict[tuple[str, int], int]) -> tuple[str, i
             rows = due.select_related("audience").order_by("send_at", "pk")
             candidates = ((m.pk, m.audience) for m in rows[:QUICK_SCAN])
         for pk, audience in candidates:
-            if large:
-                return kind, pk
-            if (kind, pk) not in sizes:
-                sizes[(kind, pk)] = _students(audience)
-            if sizes[(kind, pk)] <= QUICK_FAN_OUT:
+            if large or _students(audience) <= QUICK_FAN_OUT:
                 return kind, pk
     return None
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import redis
 
-from edsmart.redis_client import redis_client
+from edsmart.redis_client import lua_script, redis_client
 
 URGENT = "edsmart:turns:urgent"
 SCHOOLS = "edsmart:turns:schools"
@@ -80,17 +80,6 @@ if redis.call('ZCARD', KEYS[3]) == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) e
 return 1
 """
 
-_scripts: dict[tuple[int, str], redis.commands.core.Script] = {}
-
-
-def _script(source: str) -> redis.commands.core.Script:
-    client = redis_client()
-    key = (id(client), source)
-    script = _scripts.get(key)
-    if script is None:
-        script = _scripts[key] = client.register_script(source)
-    return script
-
 
 @dataclass(frozen=True)
 class Turn:
@@ -104,7 +93,7 @@ def activate(*, mailing_id: int, school_id: int, urgent: bool) -> None:
 
     Raises ``redis.RedisError``; callers treat that as "the sweeper will list it".
     """
-    _script(_ACTIVATE)(
+    lua_script(_ACTIVATE)(
         keys=[URGENT, SCHOOLS, f"{SCHOOL_PREFIX}{school_id}"],
         args=[mailing_id, school_id, 1 if urgent else 0],
     )
@@ -115,7 +104,7 @@ def next_turn() -> Turn | None:
 
     Raises ``redis.RedisError``; the batch then claims in id order.
     """
-    found = _script(_NEXT)(keys=[URGENT, SCHOOLS], args=[SCHOOL_PREFIX])
+    found = lua_script(_NEXT)(keys=[URGENT, SCHOOLS], args=[SCHOOL_PREFIX])
     if not found:
         return None
     return Turn(mailing_id=int(found[0]), school_id=int(found[1]), urgent=bool(int(found[2])))
@@ -126,7 +115,7 @@ def finished(turn: Turn) -> None:
     falls due or claims are given back)."""
     # On error the mailing stays listed: that costs one empty claim later.
     with contextlib.suppress(redis.RedisError):
-        _script(_DONE)(
+        lua_script(_DONE)(
             keys=[URGENT, SCHOOLS, f"{SCHOOL_PREFIX}{turn.school_id}"],
             args=[turn.mailing_id, turn.school_id],
         )

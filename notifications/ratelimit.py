@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import redis
 from django.conf import settings
 
-from edsmart.redis_client import redis_client
+from edsmart.redis_client import lua_script
 
 log = logging.getLogger("edsmart.ratelimit")
 
@@ -117,15 +117,8 @@ end
 """
 
 
-_scripts: dict[int, redis.commands.core.Script] = {}
-
-
 def _call(op: str, arg: float = 0) -> tuple[int, float, float]:
-    client = redis_client()
-    script = _scripts.get(id(client))
-    if script is None:
-        script = _scripts[id(client)] = client.register_script(_SCRIPT)
-    ok, value, rate = script(
+    ok, value, rate = lua_script(_SCRIPT)(
         keys=[KEY],
         args=[
             op,

@@ -412,3 +412,76 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def point_celery_at(url: str) -> None:
+    """Publish from this process to ``url``: the Celery app caches its connections (the Redis
+    client of nudges is looked up by URL at each call).
+
+    kombu keeps connection and producer pools in process-wide groups keyed by broker URL, and
+    the app's pool is one of them: closing it without emptying the groups left the test
+    process with a closed pool for the default broker, and any later publish failed with
+    "Acquire on closed pool". ``kombu.pools.reset`` closes and forgets them all.
+    """
+    from kombu import pools
+
+    from edsmart.celery import app as celery_app
+
+    celery_app.conf.broker_url = url
+    pools.reset()
+    celery_app._pool = None
+    celery_app.amqp._producer_pool = None
+
+
+@contextmanager
+def private_stack(
+    *,
+    prefix: str,
+    settings: object,
+    monkeypatch: object,
+    smtp: object,
+    secret_key: str,
+    env: dict[str, str] | None = None,
+    processes: type[Processes] = Processes,
+) -> Iterator[tuple[RedisServer, Processes, dict[str, str]]]:
+    """A private redis-server (broker and coordination) and a ``processes`` to start workers
+    and beats with, pointed at the test database and the test SMTP server ``smtp`` (reset);
+    Django's settings and this process's Celery app point at that Redis too. Everything is
+    undone on exit, and the processes' log tails are printed (pytest shows them only when the
+    test failed). ``env`` adds to or overrides the processes' environment.
+    """
+    from django.db import connection
+
+    from edsmart.celery import app as celery_app
+
+    # Celery reads CELERY_BROKER_URL from the environment before its own configuration.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    with scratch_dir(prefix) as workdir:
+        private = RedisServer(workdir=workdir).start()
+        smtp.handler.reset()
+        full_env = {
+            "DATABASE_URL": database_url(connection.settings_dict),
+            "REDIS_URL": private.url,
+            "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "EMAIL_HOST": "127.0.0.1",
+            "EMAIL_PORT": str(smtp.port),
+            "EMAIL_USE_TLS": "0",
+            "SECRET_KEY": secret_key,
+            "DEBUG": "0",
+            "LOG_JSON": "0",
+            "LOG_LEVEL": "INFO",
+            **(env or {}),
+        }
+        procs = processes(workdir=workdir, env=full_env)
+        # Read before CELERY_BROKER_URL changes below: the app reads Django's settings lazily.
+        previous_broker = celery_app.conf.broker_url
+        settings.REDIS_URL = private.url
+        settings.CELERY_BROKER_URL = private.url
+        point_celery_at(private.url)
+        try:
+            yield private, procs, full_env
+        finally:
+            print(procs.tails(80))
+            procs.stop_all()
+            private.stop()
+            point_celery_at(previous_broker)

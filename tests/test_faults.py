@@ -25,11 +25,8 @@ from dataclasses import dataclass
 import psutil
 import pytest
 import redis
-from django.db import connection
 from django.utils import timezone
-from kombu import pools as kombu_pools
 
-from edsmart.celery import app as celery_app
 from notifications import dispatch
 from notifications import sweep as sweeper
 from notifications.models import TERMINAL_STATUSES, Delivery, DeliveryEvent, DeliveryStatus, Mailing
@@ -44,8 +41,7 @@ from tests.processes import (
     RedisServer,
     TrackingHandler,
     child_connected_to,
-    database_url,
-    scratch_dir,
+    private_stack,
     wait_until,
 )
 from tests.smtp_server import SMTPServer
@@ -169,58 +165,20 @@ class Rig:
 
 @pytest.fixture
 def rig(transactional_db, settings, monkeypatch, fault_smtp) -> Iterator[Rig]:
-    # Celery reads CELERY_BROKER_URL from the environment before its own configuration.
-    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
-    with scratch_dir("edsmart-faults-") as workdir:
-        private = RedisServer(workdir=workdir).start()
-        fault_smtp.handler.reset()
-        env = {
-            "DATABASE_URL": database_url(connection.settings_dict),
-            "REDIS_URL": private.url,
-            "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
-            "EMAIL_HOST": "127.0.0.1",
-            "EMAIL_PORT": str(fault_smtp.port),
-            "EMAIL_USE_TLS": "0",
-            "SECRET_KEY": "fault-tests-secret-key-not-used-anywhere-else-0123456789",
-            "DEBUG": "0",
-            "LOG_JSON": "0",
-            "LOG_LEVEL": "INFO",
-        }
-        procs = Processes(workdir=workdir, env=env)
-        # Read before CELERY_BROKER_URL changes below: the app reads Django's settings lazily.
-        previous_broker = celery_app.conf.broker_url
-        settings.REDIS_URL = private.url
-        settings.CELERY_BROKER_URL = private.url
+    with private_stack(
+        prefix="edsmart-faults-",
+        settings=settings,
+        monkeypatch=monkeypatch,
+        smtp=fault_smtp,
+        secret_key="fault-tests-secret-key-not-used-anywhere-else-0123456789",
+    ) as (private, procs, env):
         settings.EMAIL_BACKEND = env["EMAIL_BACKEND"]
         settings.EMAIL_HOST = "127.0.0.1"
         settings.EMAIL_PORT = fault_smtp.port
         settings.EMAIL_USE_TLS = False
         rig = Rig(redis=private, smtp=fault_smtp, procs=procs, settings=settings)
         rig.configure(**BASE)
-        _point_celery_at(private.url)
-        try:
-            yield rig
-        finally:
-            # Print what the processes said; pytest shows it only when the test failed.
-            print(procs.tails(80))
-            procs.stop_all()
-            private.stop()
-            _point_celery_at(previous_broker)
-
-
-def _point_celery_at(url: str) -> None:
-    """Publish from this process to ``url``: the Celery app caches its connections (the Redis
-    client of nudges is looked up by URL at each call).
-
-    kombu keeps connection and producer pools in process-wide groups keyed by broker URL, and
-    the app's pool is one of them: closing it without emptying the groups left the test
-    process with a closed pool for the default broker, and any later publish failed with
-    "Acquire on closed pool". ``kombu.pools.reset`` closes and forgets them all.
-    """
-    celery_app.conf.broker_url = url
-    kombu_pools.reset()
-    celery_app._pool = None
-    celery_app.amqp._producer_pool = None
+        yield rig
 
 
 def _school_with_families(families: int, slug: str = "northside") -> School:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from notifications import dispatch, fairshare, ratelimit
@@ -24,9 +23,8 @@ from slips.models import Audience, Broadcast, Guardian, School, Slip, Student
 from slips.services import message_schedule
 from tests import factories
 from tests.invariants import assert_exactly_once
-from tests.processes import Processes, RedisServer, database_url, scratch_dir, wait_until
+from tests.processes import Processes, private_stack, wait_until
 from tests.smtp_server import Accepted, SMTPServer
-from tests.test_worker_queues import _point_celery_at
 
 S = DeliveryStatus
 BATCH_SENT = re.compile(
@@ -191,35 +189,15 @@ def test_large_fan_outs_take_turns_and_small_ones_do_not_wait(school, redis_clie
 @pytest.fixture
 def rig(transactional_db, settings, monkeypatch, smtp_session) -> Iterator[tuple]:
     """A private Redis (broker and coordination), the test SMTP server, worker processes."""
-    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
-    with scratch_dir("edsmart-peak-") as workdir:
-        private = RedisServer(workdir=workdir).start()
-        smtp_session.handler.reset()
-        env = {
-            "DATABASE_URL": database_url(connection.settings_dict),
-            "REDIS_URL": private.url,
-            "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
-            "EMAIL_HOST": "127.0.0.1",
-            "EMAIL_PORT": str(smtp_session.port),
-            "EMAIL_USE_TLS": "0",
-            "SECRET_KEY": "peak-tests-secret-key-not-used-anywhere-else-0123456789",
-            "DEBUG": "0",
-            "LOG_JSON": "0",
-            "LOG_LEVEL": "INFO",
-            "EDSMART_BATCH_SIZE": "20",
-        }
-        procs = Processes(workdir=workdir, env=env)
-        previous_broker = settings.CELERY_BROKER_URL
-        settings.REDIS_URL = private.url
-        settings.CELERY_BROKER_URL = private.url
-        _point_celery_at(private.url)
-        try:
-            yield private, procs, smtp_session
-        finally:
-            print(procs.tails(60))
-            procs.stop_all()
-            private.stop()
-            _point_celery_at(previous_broker)
+    with private_stack(
+        prefix="edsmart-peak-",
+        settings=settings,
+        monkeypatch=monkeypatch,
+        smtp=smtp_session,
+        secret_key="peak-tests-secret-key-not-used-anywhere-else-0123456789",
+        env={"EDSMART_BATCH_SIZE": "20"},
+    ) as (private, procs, _env):
+        yield private, procs, smtp_session
 
 
 def _families(school: School, n: int, *, tag: str) -> Audience:

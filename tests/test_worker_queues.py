@@ -14,9 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from django.conf import settings as django_settings
-from django.db import connection
 from django.utils import timezone
-from kombu import pools as kombu_pools
 
 from edsmart.celery import app as celery_app
 from edsmart.celery import routed_queue_names
@@ -24,14 +22,7 @@ from notifications import dispatch
 from notifications.models import Delivery, DeliveryStatus
 from slips.services import message_schedule
 from tests import factories
-from tests.processes import (
-    Proc,
-    Processes,
-    RedisServer,
-    database_url,
-    scratch_dir,
-    wait_until,
-)
+from tests.processes import Proc, Processes, RedisServer, private_stack, wait_until
 from tests.smtp_server import SMTPServer
 
 SEND_BATCH_RECEIVED = re.compile(r"Task notifications\.tasks\.send_batch\[[0-9a-f-]+\] received")
@@ -104,14 +95,6 @@ class DocumentedProcesses(Processes):
         return proc
 
 
-def _point_celery_at(url: str) -> None:
-    """Publish from this process to ``url`` (see tests/test_faults.py for why this much)."""
-    celery_app.conf.broker_url = url
-    kombu_pools.reset()
-    celery_app._pool = None
-    celery_app.amqp._producer_pool = None
-
-
 def _banner_queues(proc: Proc) -> set[str]:
     """The queues a worker's start-up banner says it consumes (``.> send exchange=...``)."""
     return set(re.findall(r"^\s*\.> (\S+)\s+exchange=", proc.log(), flags=re.MULTILINE))
@@ -121,34 +104,15 @@ def _banner_queues(proc: Proc) -> set[str]:
 def rig(
     transactional_db, settings, monkeypatch, smtp_session
 ) -> Iterator[tuple[RedisServer, DocumentedProcesses, SMTPServer]]:
-    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
-    with scratch_dir("edsmart-queues-") as workdir:
-        private = RedisServer(workdir=workdir).start()
-        smtp_session.handler.reset()
-        env = {
-            "DATABASE_URL": database_url(connection.settings_dict),
-            "REDIS_URL": private.url,
-            "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
-            "EMAIL_HOST": "127.0.0.1",
-            "EMAIL_PORT": str(smtp_session.port),
-            "EMAIL_USE_TLS": "0",
-            "SECRET_KEY": "queue-tests-secret-key-not-used-anywhere-else-0123456789",
-            "DEBUG": "0",
-            "LOG_JSON": "0",
-            "LOG_LEVEL": "INFO",
-        }
-        procs = DocumentedProcesses(workdir=workdir, env=env)
-        previous_broker = celery_app.conf.broker_url
-        settings.REDIS_URL = private.url
-        settings.CELERY_BROKER_URL = private.url
-        _point_celery_at(private.url)
-        try:
-            yield private, procs, smtp_session
-        finally:
-            print(procs.tails(80))
-            procs.stop_all()
-            private.stop()
-            _point_celery_at(previous_broker)
+    with private_stack(
+        prefix="edsmart-queues-",
+        settings=settings,
+        monkeypatch=monkeypatch,
+        smtp=smtp_session,
+        secret_key="queue-tests-secret-key-not-used-anywhere-else-0123456789",
+        processes=DocumentedProcesses,
+    ) as (private, procs, _env):
+        yield private, procs, smtp_session
 
 
 def _queued(redis: RedisServer, queue: str) -> int:
