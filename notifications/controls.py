@@ -250,7 +250,7 @@ def unknowns_resolve(*, delivery_ids: Iterable[int], resolution: str, actor: str
         Resolution.RESEND: S.PENDING,
     }[resolution]
     sets = {
-        Resolution.SENT: "sent_at = statement_timestamp()",
+        Resolution.SENT: "sent_at = statement_timestamp(), accepted = d.accepted + 1",
         Resolution.FAILED: "last_error = %(detail)s",
         Resolution.RESEND: "next_attempt_at = NULL",
     }[resolution]

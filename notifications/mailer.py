@@ -75,20 +75,129 @@ class RawEmail:
     payload: bytes
 
 
-def send_one(*, connection: object, message: EmailMultiAlternatives | RawEmail) -> SendResult:
-    """Send ``message`` over an open-or-openable Django email backend ``connection``."""
+@dataclass
+class Envelope:
+    """MAIL, RCPT and DATA already written to the server, replies not yet read.
+
+    ``envelope_ahead`` writes them just before the delivery's start is recorded, so that the
+    server works on them while the database commits: one round trip to the mail server per
+    email overlaps the database's, instead of following it. Only the envelope goes early;
+    the body waits for the start (``send_one(ahead=...)``). A start that does not happen
+    abandons the envelope, which closes the connection: a server in the data phase discards
+    what it has, and nothing was submitted.
+    """
+
+    backend: SMTPBackend
+    smtp: smtplib.SMTP
+    commands: list[str]
+    payload: bytes
+    settled: bool = False
+
+
+def envelope_ahead(
+    *, connection: object, message: EmailMultiAlternatives | RawEmail
+) -> Envelope | None:
+    """Write this message's envelope now, on a connection already open to a server that
+    offers PIPELINING (RFC 2920). None when that does not hold, or the write fails (the
+    send then goes the usual way, on a new connection if need be)."""
+    if not isinstance(connection, SMTPBackend) or connection.connection is None:
+        return None
+    smtp = connection.connection
+    if not (smtp.does_esmtp and smtp.has_extn("pipelining")):
+        return None
+    try:
+        from_addr, recipients, payload = _envelope(message)
+        commands = [f"MAIL FROM:{from_addr}", *(f"RCPT TO:{r}" for r in recipients), "DATA"]
+        lines = _command_lines(commands).encode(smtp.command_encoding)
+    except Exception:  # noqa: BLE001 - the usual path meets the same error and reports it
+        return None
+    try:
+        smtp.send(lines)
+    except (OSError, smtplib.SMTPException):
+        _drop(connection)
+        return None
+    return Envelope(connection, smtp, commands, payload)
+
+
+def envelope_abandon(envelope: Envelope | None) -> None:
+    """The start did not happen: close the connection, which aborts the pending exchange."""
+    if envelope is not None and not envelope.settled:
+        envelope.settled = True
+        _drop(envelope.backend)
+
+
+@dataclass
+class AwaitingReply:
+    """A message whose body has gone out and whose final reply has not been read yet.
+
+    The batch composes the next email while the server takes this one in (``send_body``),
+    then reads the reply (``await_reply``) before recording anything: a round trip per email
+    overlaps work instead of following it. Until the reply is read the outcome is not known,
+    and nothing about this delivery is recorded."""
+
+    backend: SMTPBackend
+    smtp: smtplib.SMTP
+
+
+def send_one(
+    *,
+    connection: object,
+    message: EmailMultiAlternatives | RawEmail,
+    ahead: Envelope | None = None,
+) -> SendResult:
+    """Send ``message`` over an open-or-openable Django email backend ``connection``;
+    ``ahead``: its envelope, already written by ``envelope_ahead``."""
+    sent = send_body(connection=connection, message=message, ahead=ahead)
+    return await_reply(sent) if isinstance(sent, AwaitingReply) else sent
+
+
+def send_body(
+    *,
+    connection: object,
+    message: EmailMultiAlternatives | RawEmail,
+    ahead: Envelope | None = None,
+) -> SendResult | AwaitingReply:
+    """``send_one`` up to the body: the outcome, or (SMTP, body sent) what to read it from."""
+    if ahead is not None:
+        ahead.settled = True
+        sent = _send_smtp(ahead.backend, message, ahead=ahead)
+        if isinstance(sent, SendResult) and sent.reconnect_ok:
+            # The kept connection had gone (see below); the envelope went nowhere.
+            return _send_smtp(ahead.backend, message)
+        return sent
     if isinstance(connection, SMTPBackend):
         reused = connection.connection is not None
-        result = _send_smtp(connection, message)
-        if reused and result.reconnect_ok:
+        sent = _send_smtp(connection, message)
+        if reused and isinstance(sent, SendResult) and sent.reconnect_ok:
             # The server closed the connection we kept between messages (providers do, every
             # N messages or when idle): nothing of this message was taken, so it goes once
             # more on a new connection, and the delivery is not charged for the old one.
             return _send_smtp(connection, message)
-        return result
+        return sent
     if isinstance(message, RawEmail):
         raise TypeError("a RawEmail can only be sent through the SMTP backend")
     return _send_generic(connection, message)
+
+
+def await_reply(sent: AwaitingReply) -> SendResult:
+    """The server's reply to a body ``send_body`` wrote: silence now means ``unknown``."""
+    try:
+        code, resp = sent.smtp.getreply()
+    except (TimeoutError, smtplib.SMTPException, OSError) as exc:
+        _drop(sent.backend)
+        return SendResult(Outcome.UNKNOWN, f"no reply after DATA: {exc!r}", connection_lost=True)
+    except BaseException as exc:  # noqa: BLE001 - a soft time limit, say: record, then re-raise
+        _drop(sent.backend)
+        return SendResult(
+            Outcome.UNKNOWN, f"interrupted: {exc!r}", interrupted_by=exc, connection_lost=True
+        )
+    if code == 250:
+        return SendResult(Outcome.ACCEPTED, provider_id=_text(resp)[:250])
+    return SendResult(
+        _reply_outcome(code),
+        f"message refused after DATA: {code} {_text(resp)}",
+        throttled=code in THROTTLE_CODES,
+    )
 
 
 def _drop(backend: SMTPBackend) -> None:
@@ -116,6 +225,13 @@ def _command_ok(command: str, code: int) -> bool:
     return code == 354 if command == "DATA" else code in (250, 251)
 
 
+def _command_lines(commands: list[str]) -> str:
+    for command in commands:
+        if "\r" in command or "\n" in command:
+            raise ValueError(f"line break in an SMTP command: {command!r}")
+    return "".join(command + "\r\n" for command in commands)
+
+
 def _envelope_replies(smtp: smtplib.SMTP, commands: list[str]) -> list[tuple[int, bytes]]:
     """Send MAIL, RCPT... and DATA; return the replies, stopping at the first refusal.
 
@@ -123,17 +239,12 @@ def _envelope_replies(smtp: smtplib.SMTP, commands: list[str]) -> list[tuple[int
     in one write and all replies are read: one round trip instead of one per command.
     Nothing here sends the body, so whatever happens the message was not accepted.
     """
-    lines = []
-    for command in commands:
-        if "\r" in command or "\n" in command:
-            raise ValueError(f"line break in an SMTP command: {command!r}")
-        lines.append(command + "\r\n")
     if smtp.has_extn("pipelining"):
-        smtp.send("".join(lines).encode(smtp.command_encoding))
-        return [smtp.getreply() for _ in lines]
+        smtp.send(_command_lines(commands).encode(smtp.command_encoding))
+        return [smtp.getreply() for _ in commands]
     replies = []
-    for line, command in zip(lines, commands, strict=True):
-        smtp.send(line.encode(smtp.command_encoding))
+    for command in commands:
+        smtp.send(_command_lines([command]).encode(smtp.command_encoding))
         replies.append(smtp.getreply())
         if not _command_ok(command, replies[-1][0]):
             break
@@ -161,7 +272,14 @@ def _credentials_refused(exc: smtplib.SMTPAuthenticationError) -> SendResult:
     )
 
 
-def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives | RawEmail) -> SendResult:
+def _send_smtp(
+    backend: SMTPBackend,
+    message: EmailMultiAlternatives | RawEmail,
+    *,
+    ahead: Envelope | None = None,
+) -> SendResult | AwaitingReply:
+    if ahead is not None:
+        return _exchange(backend, ahead.smtp, ahead.commands, ahead.payload, written=True)
     try:
         backend.open()
     except smtplib.SMTPAuthenticationError as exc:
@@ -178,10 +296,21 @@ def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives | RawEmail)
     smtp = backend.connection
     from_addr, recipients, payload = _envelope(message)
     commands = [f"MAIL FROM:{from_addr}", *(f"RCPT TO:{r}" for r in recipients), "DATA"]
+    return _exchange(backend, smtp, commands, payload, written=False)
+
+
+def _exchange(
+    backend: SMTPBackend, smtp: smtplib.SMTP, commands: list[str], payload: bytes, *, written: bool
+) -> SendResult | AwaitingReply:
+    """The envelope's replies and the body. ``written``: the envelope was already
+    sent (``envelope_ahead``), only its replies are to be read."""
     body_sent = False
     try:
-        smtp.ehlo_or_helo_if_needed()
-        replies = _envelope_replies(smtp, commands)
+        if written:
+            replies = [smtp.getreply() for _ in commands]
+        else:
+            smtp.ehlo_or_helo_if_needed()
+            replies = _envelope_replies(smtp, commands)
         refused = _refusal(commands, replies)
         if refused is not None and replies[0][0] == 421:
             # "421 closing connection" to MAIL: the server is done with this connection.
@@ -207,7 +336,6 @@ def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives | RawEmail)
         if data[-2:] != b"\r\n":
             data += b"\r\n"
         smtp.send(data + b".\r\n")
-        code, resp = smtp.getreply()
     except (TimeoutError, smtplib.SMTPException, OSError) as exc:
         _drop(backend)
         if body_sent:
@@ -226,13 +354,7 @@ def _send_smtp(backend: SMTPBackend, message: EmailMultiAlternatives | RawEmail)
         return SendResult(
             outcome, f"interrupted: {exc!r}", interrupted_by=exc, connection_lost=True
         )
-    if code == 250:
-        return SendResult(Outcome.ACCEPTED, provider_id=_text(resp)[:250])
-    return SendResult(
-        _reply_outcome(code),
-        f"message refused after DATA: {code} {_text(resp)}",
-        throttled=code in THROTTLE_CODES,
-    )
+    return AwaitingReply(backend, smtp)
 
 
 def _send_generic(backend: object, message: EmailMultiAlternatives) -> SendResult:

@@ -2,10 +2,10 @@
 
 Nothing is counted in process: web, worker and beat processes each have their own memory,
 so an in-process counter would show one gunicorn worker's share. The database already records
-every send (``DeliveryEvent`` rows), so the send counter and the latency distribution are
-derived from it at scrape time:
+every send (each delivery row's ``accepted`` count), so the send counter and the latency
+distribution are derived from it at scrape time:
 
-- ``edsmart_sends_total`` counts accepted-send events; ``rate()`` of it is the send rate.
+- ``edsmart_sends_total`` sums the rows' accepted sends; ``rate()`` of it is the send rate.
 - ``edsmart_send_latency_seconds`` is a *gauge histogram* (fan-out to acceptance) over the
   deliveries sent in the last ``EDSMART_METRICS_LATENCY_WINDOW_SECONDS``: a current
   distribution, so use ``histogram_quantile`` on the buckets directly, without ``rate()``.

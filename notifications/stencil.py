@@ -27,10 +27,10 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import formatdate
+from html import escape  # what Django's escape does, without its lazy-string wrapper
 
 from django.conf import settings
 from django.core.mail.message import sanitize_address
-from django.utils.html import escape
 
 from notifications.mailer import RawEmail
 from notifications.rendering import (

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import psycopg
 from django.conf import settings
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 from notifications import selectors
 from notifications.mailer import Outcome, SendResult
@@ -42,8 +42,11 @@ E = DeliveryEvent._meta.db_table
 CANCELLABLE = (S.PENDING, S.CLAIMED, S.RETRY_WAIT)
 
 
-def log_transition(delivery_id: int, mailing_id: int | None, to: str, **extra: object) -> None:
-    log.info(
+def log_transition(
+    delivery_id: int, mailing_id: int | None, to: str, level: int = logging.INFO, **extra: object
+) -> None:
+    log.log(
+        level,
         "delivery %s -> %s",
         delivery_id,
         to,
@@ -74,9 +77,10 @@ def prepared_cursor() -> Iterator[psycopg.Cursor]:
     ``django.db`` errors and mark the connection, so that ``close_old_connections`` (around
     every task) drops it once the server has gone away instead of reusing it forever.
     """
-    connection.close_if_health_check_failed()
-    connection.ensure_connection()
-    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cur:
+    db = connections[DEFAULT_DB_ALIAS]  # once: each ``connection.x`` looks the alias up again
+    db.close_if_health_check_failed()
+    db.ensure_connection()
+    with db.wrap_database_errors, psycopg.Cursor(db.connection) as cur:
         yield cur
 
 
@@ -163,8 +167,20 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
         for row in rows
     ]
     claimed.sort(key=lambda c: c.id)
-    for c in claimed:
-        log_transition(c.id, c.mailing_id, S.CLAIMED, attempt=c.attempt)
+    # One line per claim, not per row: at INFO each email logs once, with its outcome.
+    if claimed and log.isEnabledFor(logging.INFO):
+        mailings = {c.mailing_id for c in claimed}
+        log.info(
+            "claimed %s deliveries (ids %s..%s)",
+            len(claimed),
+            claimed[0].id,
+            claimed[-1].id,
+            extra={
+                "mailing_id": mailings.pop() if len(mailings) == 1 else None,
+                "status": S.CLAIMED,
+                "delivery_ids": [c.id for c in claimed],
+            },
+        )
     return claimed
 
 
@@ -395,8 +411,17 @@ def delivery_start(*, claimed: Claimed) -> bool:
     """
     started = _run(start=_start_part(claimed))[1]
     if started:
-        log_transition(claimed.id, claimed.mailing_id, S.SUBMITTING, attempt=claimed.attempt)
+        _log_start(claimed)
     return started
+
+
+def _log_start(claimed: Claimed) -> None:
+    # DEBUG: the outcome's line follows within a second; a send that never ends is found by
+    # the sweeper, which logs the row it turns ``unknown``.
+    if log.isEnabledFor(logging.DEBUG):
+        log_transition(
+            claimed.id, claimed.mailing_id, S.SUBMITTING, logging.DEBUG, attempt=claimed.attempt
+        )
 
 
 def retry_delay_seconds(tries: int) -> float:
@@ -410,6 +435,45 @@ def throttle_delay_seconds(throttles: int) -> float:
     """A throttled delivery is due again soon (the shared rate, not this row, does the slowing
     down): 0.5-1 s after the first throttle, doubling to at most 15-30 s."""
     return min(30.0, 2.0 ** min(throttles - 1, 5)) * random.uniform(0.5, 1.0)
+
+
+# What an accepted send sets, on either path.
+_ACCEPTED_SETS = (
+    "accepted = d.accepted + 1, sent_at = statement_timestamp(), provider_id = %(provider_id)s, "
+    "lease_until = NULL, last_error = ''"
+)
+
+
+def _accepted_part(claimed: Claimed, result: SendResult) -> Part:
+    """submitting -> sent: the move of nearly every email, so it writes no event row.
+
+    The row itself is the record: ``sent_at``, ``provider_id`` and ``accepted`` (how many
+    acceptances were recorded for it; more than one is a duplicate). An event per accepted
+    send was about a third of the database's work per email. The rarer acceptance of a row
+    the sweeper already turned ``unknown`` is a settling move with its event (see
+    ``delivery_record``)."""
+    sql = f"""
+        logged AS (
+            UPDATE {D} d SET status = 'sent', updated_at = statement_timestamp(),
+                {_ACCEPTED_SETS}
+            WHERE d.id = %(id)s AND d.attempt = %(attempt)s AND d.status = 'submitting'
+            RETURNING d.id
+        )
+    """
+    return sql, {"id": claimed.id, "attempt": claimed.attempt, "provider_id": result.provider_id}
+
+
+def _accepted_late_part(claimed: Claimed, result: SendResult) -> Part:
+    """unknown -> sent: a late acceptance of the same attempt, with its event."""
+    return _transition_part(
+        delivery_id=claimed.id,
+        attempt=claimed.attempt,
+        from_statuses=[S.UNKNOWN],
+        to=S.SENT,
+        detail=f"late acceptance: {result.provider_id}",
+        sets=_ACCEPTED_SETS,
+        params={"provider_id": result.provider_id},
+    )
 
 
 def _record_part(claimed: Claimed, result: SendResult) -> tuple[str, Part]:
@@ -445,15 +509,7 @@ def _record_part(claimed: Claimed, result: SendResult) -> tuple[str, Part]:
             params={"delay": throttle_delay_seconds(claimed.throttles + 1)},
         )
     if outcome is Outcome.ACCEPTED:
-        return S.SENT, _transition_part(
-            **common,
-            from_statuses=definite_from,
-            to=S.SENT,
-            detail=result.provider_id,
-            sets="sent_at = statement_timestamp(), provider_id = %(provider_id)s, "
-            "lease_until = NULL, last_error = ''",
-            params={"provider_id": result.provider_id},
-        )
+        return S.SENT, _accepted_part(claimed, result)
     if outcome is Outcome.RETRY and tries < settings.EDSMART_MAX_ATTEMPTS:
         return S.RETRY_WAIT, _transition_part(
             **common,
@@ -485,6 +541,10 @@ def _record_part(claimed: Claimed, result: SendResult) -> tuple[str, Part]:
 
 
 def _after_record(claimed: Claimed, result: SendResult, to: str, ok: bool) -> str | None:
+    if not ok and to == S.SENT:
+        # Not ``submitting`` any more: the sweeper may have turned it ``unknown`` while the
+        # server was slow, and this acceptance of the same attempt settles it.
+        ok = _run(transition=_accepted_late_part(claimed, result))[0]
     if not ok:
         log.warning(
             "delivery %s: outcome %s not recorded, row moved on (attempt %s)",
@@ -505,7 +565,10 @@ def _after_record(claimed: Claimed, result: SendResult, to: str, ok: bool) -> st
             result.detail,
             extra={"delivery_id": claimed.id, "mailing_id": claimed.mailing_id},
         )
-    log_transition(claimed.id, claimed.mailing_id, to, attempt=claimed.attempt)
+    # Accepted sends are logged a chunk at a time, with their ids, by the batch.
+    level = logging.DEBUG if to == S.SENT else logging.INFO
+    if log.isEnabledFor(level):
+        log_transition(claimed.id, claimed.mailing_id, to, level, attempt=claimed.attempt)
     return to
 
 
@@ -523,7 +586,7 @@ def delivery_record_and_start(
     to, part = _record_part(*done)
     ok, started = _run(transition=part, start=_start_part(claimed))
     if started:
-        log_transition(claimed.id, claimed.mailing_id, S.SUBMITTING, attempt=claimed.attempt)
+        _log_start(claimed)
     return _after_record(*done, to, ok), started
 
 

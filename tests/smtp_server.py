@@ -53,6 +53,7 @@ class Handler:
     received_data: int = 0
     rcpt_refusals: int = 0
     closed_connections: int = 0
+    ehlos: int = 0  # one per connection the client opened
     logins: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -66,6 +67,8 @@ class Handler:
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
+        with self.lock:
+            self.ehlos += 1
         if self.behaviour.pipelining:
             responses.insert(-1, "250-PIPELINING")
         return responses
@@ -138,6 +141,7 @@ class Handler:
             self.accepted.clear()
             self.received_data = 0
             self.rcpt_refusals = 0
+            self.ehlos = 0
             self.closed_connections = 0
             self.logins = 0
 

@@ -175,6 +175,62 @@ def test_a_connection_closed_between_messages_is_reopened_without_charging_anyon
     assert_exactly_once(smtp.accepted)
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelined"])
+def test_a_start_that_fails_after_its_envelope_went_ahead_sends_nothing(
+    school, smtp, redis_client, monkeypatch, pipelining
+):
+    """With PIPELINING the envelope (MAIL, RCPT, DATA) is written before the start commits.
+    When the start then fails (the delivery was cancelled after its claim), the exchange is
+    abandoned by closing the connection: the server, left in its data phase, gets no
+    message, and the rest of the batch goes on over a new connection."""
+    smtp.handler.behaviour.pipelining = pipelining
+    mailing_id = factories.broadcast_dispatched(school=school, families=6)[1]
+    claim = transitions.deliveries_claim
+    victims: list[int] = []
+
+    def claim_then_cancel_one(**kwargs):
+        claimed = claim(**kwargs)
+        if claimed:
+            victims.append(claimed[3].id)
+            transitions.deliveries_cancel(delivery_ids=victims, detail="test: cancelled")
+        return claimed
+
+    monkeypatch.setattr(transitions, "deliveries_claim", claim_then_cancel_one)
+    ehlos = smtp.handler.ehlos
+    report = batch.batch_send(mailing_id=mailing_id)
+
+    assert report.sent == 5 and report.lost == 1 and not report.stopped
+    statuses = dict(Delivery.objects.values_list("pk", "status"))
+    assert statuses.pop(victims[0]) == S.CANCELLED
+    assert set(statuses.values()) == {S.SENT}
+    assert victims[0] not in {a.delivery_id for a in smtp.accepted}
+    assert smtp.handler.received_data == 5
+    # Ahead of time only when pipelining: then the abandoned exchange cost one reconnect.
+    assert smtp.handler.ehlos - ehlos == (2 if pipelining else 1)
+    assert_exactly_once(smtp.accepted)
+
+
+@pytest.mark.parametrize("reply", ["550 5.7.1 rejected", "450 4.2.0 mailbox busy"])
+def test_a_refusal_after_data_is_recorded_from_the_reply_read_after_the_next_envelope(
+    school, smtp, redis_client, reply
+):
+    """The final reply to a body is read after the next email is composed and its envelope
+    written; a refusal there is still that delivery's outcome, and the next is unaffected."""
+    smtp.handler.behaviour.pipelining = True
+    smtp.handler.behaviour.data_reply = reply
+    mailing_id = factories.broadcast_dispatched(school=school, families=4)[1]
+    ehlos = smtp.handler.ehlos
+    report = batch.batch_send(mailing_id=mailing_id)
+    expected = S.FAILED if reply.startswith("5") else S.RETRY_WAIT
+    assert (report.failed, report.retry, report.sent) == (
+        (4, 0, 0) if expected == S.FAILED else (0, 4, 0)
+    )
+    rows = list(Delivery.objects.filter(mailing_id=mailing_id))
+    assert {(d.status, d.tries, d.accepted) for d in rows} == {(expected, 1, 0)}
+    assert all(reply.split()[0] in d.last_error for d in rows)
+    assert smtp.handler.ehlos - ehlos == 1 and not smtp.accepted
+
+
 def test_credentials_refused_pause_everything_and_charge_no_one(
     school, smtp, settings, redis_client
 ):
