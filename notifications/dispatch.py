@@ -9,7 +9,6 @@ nudged on commit; the sweeper is what guarantees they run.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -260,9 +259,7 @@ def deliveries_fan_out(*, mailing: Mailing, recipients: Iterable[Recipient]) -> 
     Suppressed and invalid addresses get a row too, already terminal, so that staff see who
     was left out and why instead of a silently shorter list.
     """
-    columns: dict[str, list[str]] = {
-        k: [] for k in ("email", "norm", "name", "guardians", "students", "status", "error")
-    }
+    rows = []
     for r in recipients:
         status, error = S.PENDING, ""
         if r.suppressed_reason:
@@ -272,13 +269,17 @@ def deliveries_fan_out(*, mailing: Mailing, recipients: Iterable[Recipient]) -> 
                 validate_email(r.email.strip())
             except ValidationError:
                 status, error = S.FAILED, f"invalid email address: {r.email!r}"
-        columns["email"].append(r.email.strip())
-        columns["norm"].append(r.email_normalized)
-        columns["name"].append(r.name[:200])
-        columns["guardians"].append(json.dumps(list(r.guardian_ids)))
-        columns["students"].append(json.dumps(list(r.student_ids)))
-        columns["status"].append(status)
-        columns["error"].append(error)
-    count = transitions.deliveries_insert(mailing=mailing, columns=columns)
+        rows.append(
+            {
+                "email": r.email.strip(),
+                "norm": r.email_normalized,
+                "name": r.name[:200],
+                "guardians": list(r.guardian_ids),
+                "students": list(r.student_ids),
+                "status": status,
+                "error": error,
+            }
+        )
+    count = transitions.deliveries_insert(mailing=mailing, rows=rows)
     Mailing.objects.filter(pk=mailing.pk).update(recipient_count=count)
     return count

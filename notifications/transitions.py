@@ -87,32 +87,36 @@ def prepared_cursor() -> Iterator[psycopg.Cursor]:
 # --- fan-out: the rows are born ------------------------------------------------------------------
 
 
-def deliveries_insert(*, mailing: Mailing, columns: dict[str, list[str]]) -> int:
+def deliveries_insert(*, mailing: Mailing, rows: list[dict]) -> int:
     """Insert the fan-out's rows (``pending``, or already ``skipped``/``failed``), ignoring
     pairs that exist. Returns how many rows the mailing has.
 
-    One INSERT ... SELECT FROM unnest(arrays) per chunk: the ORM's bulk_create spent about
-    0.2 ms of Python per row building and quoting model instances, which for a large
-    broadcast held up its first email by seconds.
+    Each row is a dict (email, norm, name, guardians, students, status, error); a chunk goes
+    as one JSON document that PostgreSQL unpacks (``jsonb_to_recordset``). The ORM's
+    bulk_create spent about 0.2 ms of Python per row, and seven parallel arrays still cost
+    about 40 microseconds a row to adapt and serialize; one ``json.dumps`` per chunk does it
+    in C.
     """
     sql = f"""
         INSERT INTO {D} (mailing_id, school_id, email, email_normalized, recipient_name,
             guardian_ids, student_ids, status, last_error, attempt, tries, message_id_header,
             provider_id, created_at, updated_at)
-        SELECT %(mailing)s, %(school)s, r.email, r.norm, r.name, r.guardians::jsonb,
-            r.students::jsonb, r.status, r.error, 0, 0, '', '', statement_timestamp(),
-            statement_timestamp()
-        FROM unnest(%(email)s::text[], %(norm)s::text[], %(name)s::text[],
-            %(guardians)s::text[], %(students)s::text[], %(status)s::text[], %(error)s::text[])
-            AS r(email, norm, name, guardians, students, status, error)
+        SELECT %(mailing)s, %(school)s, r.email, r.norm, r.name, r.guardians, r.students,
+            r.status, r.error, 0, 0, '', '', statement_timestamp(), statement_timestamp()
+        FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(email text, norm text, name text,
+            guardians jsonb, students jsonb, status text, error text)
         ON CONFLICT DO NOTHING
     """
     chunk = 5000
     with prepared_cursor() as cur:
-        for start in range(0, len(columns["email"]), chunk):
-            params = {k: v[start : start + chunk] for k, v in columns.items()}
+        for start in range(0, len(rows), chunk):
             cur.execute(
-                sql, {**params, "mailing": mailing.pk, "school": mailing.school_id}, binary=True
+                sql,
+                {
+                    "rows": json.dumps(rows[start : start + chunk]),
+                    "mailing": mailing.pk,
+                    "school": mailing.school_id,
+                },
             )
     return Delivery.objects.filter(mailing=mailing).count()
 
