@@ -254,14 +254,18 @@ def test_same_batch_enqueued_50_times_across_two_workers(rig: Rig) -> None:
 # --- 2. a pool child killed mid-send -----------------------------------------------------------
 
 
-def test_worker_child_killed_while_sending(rig: Rig) -> None:
+@pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelined"])
+def test_worker_child_killed_while_sending(rig: Rig, pipelining: bool) -> None:
     """SIGKILL of the pool child whose message body is at the server, awaiting the reply.
 
     Its row stays ``submitting`` until the sweeper makes it ``unknown``; its unused claims
     expire and are sent by others; the requeued task (reject on worker lost) is a no-op.
+    Pipelined, the child has also written the next email's envelope, whose start was not
+    committed: the dropped connection takes it with it, and that row is sent later, once.
     """
     rig.configure(EDSMART_BATCH_SIZE=4)
     rig.smtp.handler.behaviour.delay = 0.8
+    rig.smtp.handler.behaviour.pipelining = pipelining
     school = _school_with_families(16)
     _scheduled_broadcast(school)
     worker = rig.procs.worker("w1")
@@ -301,7 +305,10 @@ def test_worker_child_killed_while_sending(rig: Rig) -> None:
     assert worker.alive()
 
 
-def test_whole_worker_killed_gives_its_claims_back_within_15_seconds(rig: Rig) -> None:
+@pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelined"])
+def test_whole_worker_killed_gives_its_claims_back_within_15_seconds(
+    rig: Rig, pipelining: bool
+) -> None:
     """SIGKILL of a whole worker (main process and pool) holding claims: with the production
     lease and sweep cadence (a short lease renewed by the live batch, a sweep every 5 s), its
     claimed rows are back in play within 15 s and sent by the other worker, each once.
@@ -314,6 +321,7 @@ def test_whole_worker_killed_gives_its_claims_back_within_15_seconds(rig: Rig) -
         EDSMART_BATCH_SIZE=40,
     )
     rig.smtp.handler.behaviour.delay = 0.05
+    rig.smtp.handler.behaviour.pipelining = pipelining
     school = _school_with_families(300)
     _scheduled_broadcast(school)
     victim = rig.procs.worker("w1")
