@@ -61,7 +61,7 @@ sink's record and the database:
 - rate: accepted / (last - first acceptance), and the busiest 1 s window at the sink (the
   most acceptances in any sliding 1 s window); with a rate, both as a ratio of the cap;
 - duplicates (delivery ids the sink accepted more than once, deliveries with more than one
-  ``sent`` DeliveryEvent), losses (rows not terminal, ``sent`` rows the sink never accepted,
+  acceptance recorded on its row), losses (rows not terminal, ``sent`` rows never accepted,
   ``failed``/``cancelled``/``skipped`` rows, recipients never fanned out, acceptances naming no
   row or another recipient) and unknowns (no fault is injected here, so none is expected): all
   must be 0.
@@ -115,6 +115,7 @@ from bench.soak import (  # noqa: E402
     db,
     db_forget,
     django_setup,
+    recorded_duplicates_sql,
     roles_env,
     school_create,
     uninterruptible,
@@ -627,7 +628,7 @@ def report(
     did not settle."""
     from django.db import connection
 
-    from notifications.models import Delivery, DeliveryEvent, Mailing
+    from notifications.models import Delivery, Mailing
     from slips.models import Broadcast, Slip
 
     def q(sql: str, params: list[object] | None = None) -> list[tuple]:
@@ -636,7 +637,7 @@ def report(
             return cur.fetchall()
 
     db_forget()
-    d, e, m = Delivery._meta.db_table, DeliveryEvent._meta.db_table, Mailing._meta.db_table
+    d, m = Delivery._meta.db_table, Mailing._meta.db_table
     rows = {
         pk: (mailing_id, status, email)
         for pk, mailing_id, status, email in q(
@@ -644,10 +645,7 @@ def report(
         )
     }
     statuses = Counter(status for _, status, _ in rows.values())
-    db_dupes = q(
-        f"SELECT delivery_id, count(*) FROM {e} WHERE to_status = 'sent' "  # noqa: S608
-        "GROUP BY delivery_id HAVING count(*) > 1"
-    )
+    db_dupes = q(recorded_duplicates_sql())
     has_urgent = any(f.name == "urgent" for f in Mailing._meta.get_fields())
     mailing_of: dict[tuple[str, int], int] = {}
     mailing_urgent: dict[int, bool] = {}
@@ -808,7 +806,7 @@ def report(
     out.append(
         f"duplicates: {duplicates} (accepted more than once: {len(dupes)}"
         + (f" {sorted(dupes.items())[:20]}" if dupes else "")
-        + f"; deliveries with >1 'sent' event: {len(db_dupes)}"
+        + f"; deliveries the database records as accepted more than once: {len(db_dupes)}"
         + (f" {db_dupes[:20]}" if db_dupes else "")
         + ")"
     )

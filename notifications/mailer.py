@@ -12,6 +12,7 @@ the MAIL / RCPT / DATA exchange ourselves over the backend's own connection.
 from __future__ import annotations
 
 import enum
+import logging
 import smtplib
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
 from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
 from django.core.mail.message import sanitize_address
+
+log = logging.getLogger("edsmart.pipeline")
 
 
 class Outcome(enum.Enum):
@@ -123,7 +126,8 @@ def envelope_abandon(envelope: Envelope | None) -> None:
     """The start did not happen: close the connection, which aborts the pending exchange."""
     if envelope is not None and not envelope.settled:
         envelope.settled = True
-        _drop(envelope.backend)
+        if envelope.backend.connection is envelope.smtp:
+            _hang_up(envelope.backend)
 
 
 @dataclass
@@ -206,6 +210,19 @@ def _drop(backend: SMTPBackend) -> None:
         backend.close()
     except Exception:  # noqa: BLE001 - closing a broken socket may fail any way it likes
         backend.connection = None
+
+
+def _hang_up(backend: SMTPBackend) -> None:
+    """Close a connection that may be in the data phase, without QUIT: there a QUIT would be
+    taken as a line of the message and its reply awaited until the timeout. A server that
+    loses the connection before the final dot discards the message."""
+    smtp = backend.connection
+    backend.connection = None
+    if smtp is not None:
+        try:
+            smtp.close()
+        except Exception:  # closing a broken socket may fail any way it likes
+            log.debug("closing an abandoned SMTP connection failed", exc_info=True)
 
 
 def _envelope(message: EmailMultiAlternatives | RawEmail) -> tuple[str, list[str], bytes]:
@@ -326,7 +343,7 @@ def _exchange(
             if replies[-1][0] == 354:
                 # A pipelined DATA was taken although an earlier command was refused. Ending
                 # the data phase could submit something; closing the connection aborts it.
-                _drop(backend)
+                _hang_up(backend)
             else:
                 smtp.rset()
             return refused

@@ -133,6 +133,10 @@ def test_data_taken_despite_a_refused_recipient_is_abandoned_not_ended(settings)
     assert result.outcome is Outcome.FAILED
     assert result.detail.startswith("RCPT TO refused: 550")
     assert backend.connection is None
+    # Hung up without QUIT: in the data phase it would be a line of the message, and its
+    # reply would be awaited until the timeout.
+    assert b"QUIT" not in b"".join(received)
+    assert not b"".join(received).endswith(b"\r\n.\r\n")
     sent = b"".join(received)
     assert b"DATA\r\n" in sent
     assert b"\r\n.\r\n" not in sent and b"Hello." not in sent
