@@ -256,8 +256,9 @@ def _envelope_replies(smtp: smtplib.SMTP, commands: list[str]) -> list[tuple[int
     in one write and all replies are read: one round trip instead of one per command.
     Nothing here sends the body, so whatever happens the message was not accepted.
     """
+    lines = _command_lines(commands)  # every command checked before the first is sent
     if smtp.has_extn("pipelining"):
-        smtp.send(_command_lines(commands).encode(smtp.command_encoding))
+        smtp.send(lines.encode(smtp.command_encoding))
         return [smtp.getreply() for _ in commands]
     replies = []
     for command in commands:
