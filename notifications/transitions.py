@@ -171,7 +171,7 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
         for row in rows
     ]
     claimed.sort(key=lambda c: c.id)
-    # One line per claim, not per row: at INFO each email logs once, with its outcome.
+    # One line per claim, not per row (a chunk's accepted sends are one line too, in batch).
     if claimed and log.isEnabledFor(logging.INFO):
         mailings = {c.mailing_id for c in claimed}
         log.info(
@@ -549,6 +549,13 @@ def _after_record(claimed: Claimed, result: SendResult, to: str, ok: bool) -> st
         # Not ``submitting`` any more: the sweeper may have turned it ``unknown`` while the
         # server was slow, and this acceptance of the same attempt settles it.
         ok = _run(transition=_accepted_late_part(claimed, result))[0]
+        if ok:
+            log.warning(
+                "delivery %s: a late acceptance settled its unknown outcome (attempt %s)",
+                claimed.id,
+                claimed.attempt,
+                extra={"delivery_id": claimed.id, "mailing_id": claimed.mailing_id},
+            )
     if not ok:
         log.warning(
             "delivery %s: outcome %s not recorded, row moved on (attempt %s)",
