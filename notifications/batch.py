@@ -335,8 +335,6 @@ def _send_claims(
             ahead = mailer.envelope_ahead(connection=backend, message=email) if raw_ok else None
             if in_flight is not None:
                 unrecorded, in_flight = (in_flight[0], mailer.await_reply(in_flight[1])), None
-                if ahead is not None and ahead.smtp is not getattr(backend, "connection", None):
-                    ahead.settled, ahead = True, None  # the reply's failure closed it
                 if _after_send(unrecorded[1], report, pace):
                     interrupted = unrecorded[1].interrupted_by
                     break

@@ -164,11 +164,14 @@ def send_body(
     """``send_one`` up to the body: the outcome, or (SMTP, body sent) what to read it from."""
     if ahead is not None:
         ahead.settled = True
-        sent = _send_smtp(ahead.backend, message, ahead=ahead)
-        if isinstance(sent, SendResult) and sent.reconnect_ok:
-            # The kept connection had gone (see below); the envelope went nowhere.
-            return _send_smtp(ahead.backend, message)
-        return sent
+        if ahead.backend.connection is ahead.smtp:
+            sent = _send_smtp(ahead.backend, message, ahead=ahead)
+            if isinstance(sent, SendResult) and sent.reconnect_ok:
+                # The kept connection had gone (see below); the envelope went nowhere.
+                return _send_smtp(ahead.backend, message)
+            return sent
+        # That connection was closed since it was written to (the previous body's reply
+        # failed), and the envelope went with it: the usual way opens a new one.
     if isinstance(connection, SMTPBackend):
         reused = connection.connection is not None
         sent = _send_smtp(connection, message)

@@ -231,6 +231,27 @@ def test_a_refusal_after_data_is_recorded_from_the_reply_read_after_the_next_env
     assert smtp.handler.ehlos - ehlos == 1 and not smtp.accepted
 
 
+def test_a_body_left_without_reply_is_unknown_and_the_next_goes_on_a_new_connection(
+    school, smtp, redis_client, settings
+):
+    """Pipelined, the next envelope is written before the previous body's reply is read; when
+    that reply never comes the connection is dropped with the envelope on it, and the next
+    email goes over a new connection. Nothing is sent twice."""
+    settings.EMAIL_TIMEOUT = 0.3
+    smtp.handler.behaviour.pipelining = True
+    smtp.handler.behaviour.stall = 0.8
+    mailing_id = factories.broadcast_dispatched(school=school, families=3)[1]
+    ehlos, bodies = smtp.handler.ehlos, smtp.handler.received_data
+    report = batch.batch_send(mailing_id=mailing_id)
+    assert report.unknown == 3 and report.sent == 0
+    rows = list(Delivery.objects.filter(mailing_id=mailing_id))
+    assert {(d.status, d.tries) for d in rows} == {(S.UNKNOWN, 1)}
+    assert smtp.handler.ehlos - ehlos == 3  # a connection per email: each dropped unanswered
+    time.sleep(1.0)  # past the stalls
+    assert smtp.handler.received_data - bodies == 3  # each body reached the server once
+    assert len({a.delivery_id for a in smtp.accepted}) == len(smtp.accepted)
+
+
 def test_credentials_refused_pause_everything_and_charge_no_one(
     school, smtp, settings, redis_client
 ):
