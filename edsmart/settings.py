@@ -271,6 +271,14 @@ CELERY_BEAT_SCHEDULE["watch"] = {
     "schedule": EDSMART_WATCH_INTERVAL_SECONDS,
     "options": {"expires": EDSMART_WATCH_INTERVAL_SECONDS},
 }
+# Deliveries and events of mailings closed longer ago than this are removed, their counts
+# kept in the mailing's summary (notifications/retention.py); the task runs every hour.
+EDSMART_DELIVERY_RETENTION_DAYS = env_int("EDSMART_DELIVERY_RETENTION_DAYS", 400, minimum=1)
+CELERY_BEAT_SCHEDULE["history-prune"] = {
+    "task": "notifications.tasks.history_prune",
+    "schedule": 3600.0,
+    "options": {"expires": 3600.0},
+}
 CELERY_BEAT_SCHEDULE["heartbeat"] = {
     "task": "notifications.tasks.heartbeat",
     "schedule": EDSMART_HEARTBEAT_INTERVAL_SECONDS,

@@ -23,7 +23,7 @@ from django.db.models import Q
 from django.dispatch import receiver
 from django.utils import timezone
 
-from notifications import nudges, transitions
+from notifications import nudges, summaries, transitions
 from notifications.models import Delivery, DeliveryStatus, Mailing, SendingSwitch
 from slips.models import Broadcast, ReminderRound, Response, School, SendStatus, Slip
 from slips.responses import answers_recorded
@@ -272,6 +272,9 @@ def unknowns_resolve(*, delivery_ids: Iterable[int], resolution: str, actor: str
             moved += 1
             touched_mailings.add(mailing_id)
             transitions.log_transition(delivery_id, mailing_id, to, actor=actor)
+    # A closed mailing's summary counted these rows as unknown: count it from its rows again
+    # until the sweep summarises it anew.
+    summaries.mailings_unsummarise(touched_mailings)
     if resolution == Resolution.RESEND:
         # The mailing may already be completed; reopen it so the resend is sent and tracked.
         transitions.mailings_reopen(mailing_ids=touched_mailings)

@@ -65,9 +65,19 @@ class Mailing(models.Model):
     recipient_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     completed_at = models.DateTimeField(null=True, blank=True)
+    # True while a MailingSummary holds this mailing's counts, so that watches, scrapes and
+    # staff pages read one summary row instead of its deliveries. Only mailings none of whose
+    # rows can change are summarised (see ``summaries``); a partial index lists the others.
+    summarised = models.BooleanField(default=False, db_default=False)
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [
+            # The open ones: a few dozen among a year's hundred thousand mailings.
+            models.Index(fields=["id"], condition=Q(summarised=False), name="mailing_unsummarised"),
+            # The admin's newest-first list, for ops across every school.
+            models.Index(fields=["-created_at", "-id"], name="mailing_newest"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["slip", "round"],
@@ -126,7 +136,10 @@ class Delivery(models.Model):
     mailing = models.ForeignKey(
         Mailing, on_delete=models.CASCADE, related_name="deliveries", db_index=False
     )
-    school = models.ForeignKey(School, on_delete=models.CASCADE, related_name="deliveries")
+    # Indexed as (school, id) below, which also serves every lookup by school alone.
+    school = models.ForeignKey(
+        School, on_delete=models.CASCADE, related_name="deliveries", db_index=False
+    )
     email = models.CharField(max_length=254)
     email_normalized = models.CharField(max_length=254)
     recipient_name = models.CharField(max_length=200, blank=True)
@@ -200,6 +213,11 @@ class Delivery(models.Model):
             models.Index(
                 fields=["mailing"], condition=Q(accepted__gt=1), name="delivery_duplicated"
             ),
+            # Outcomes waiting for a person, which may sit in a mailing completed long ago.
+            models.Index(fields=["school"], condition=Q(status="unknown"), name="delivery_unknown"),
+            # A school's deliveries newest first (the admin's list), in place of the plain
+            # school index: the same one insert per row version, and no sort of 100,000 rows.
+            models.Index(fields=["school", "id"], name="delivery_school_id_order"),
         ]
 
     def __str__(self) -> str:
@@ -233,10 +251,64 @@ class DeliveryEvent(models.Model):
 
     class Meta:
         ordering = ["at", "id"]
-        indexes = [models.Index(fields=["to_status", "delivery"])]
+        indexes = [
+            models.Index(fields=["to_status", "delivery"]),
+            # The failure rate's window: failures recorded since a moment, however long the log.
+            models.Index(fields=["to_status", "at"], name="deliveryevent_status_at"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.from_status} → {self.to_status} (attempt {self.attempt})"
+
+
+class MailingSummary(models.Model):
+    """A closed mailing's counts, written once none of its deliveries can change.
+
+    Why it exists: every watch pass, metrics scrape and staff page needs per-status counts,
+    and counting a year of delivery rows each time grows with history. A summary is written by
+    the sweep for a completed or cancelled mailing with no open row (``summaries``), dropped
+    again if a row of it moves (a person's or a late reply's settling of an ``unknown``), and
+    is what remains of the mailing after retention removes its deliveries (``archived_at``).
+    Who answered a slip is in Responses, which retention never touches.
+    """
+
+    mailing = models.OneToOneField(
+        Mailing, on_delete=models.CASCADE, primary_key=True, related_name="summary"
+    )
+    school = models.ForeignKey(School, on_delete=models.CASCADE, related_name="+")
+    sent = models.IntegerField(default=0)
+    failed = models.IntegerField(default=0)
+    unknown = models.IntegerField(default=0)
+    cancelled = models.IntegerField(default=0)
+    skipped = models.IntegerField(default=0)
+    # Accepted sends (the rows' ``accepted``): more than ``sent`` only if a duplicate happened.
+    accepted = models.IntegerField(default=0)
+    opened = models.IntegerField(default=0)
+    summarised_at = models.DateTimeField(db_index=True)
+    # Set when retention starts removing the deliveries: the counts are final from then on.
+    archived_at = models.DateTimeField(null=True, blank=True)
+    # Set once the last of them is gone (removal goes in small batches, across runs).
+    rows_removed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "mailing summaries"
+
+    def __str__(self) -> str:
+        return f"summary of mailing {self.mailing_id}"
+
+    def counts(self) -> dict[str, int]:
+        """Every status with its count, shaped like ``selectors.delivery_status_counts``."""
+        found = {
+            DeliveryStatus.SENT: self.sent,
+            DeliveryStatus.FAILED: self.failed,
+            DeliveryStatus.UNKNOWN: self.unknown,
+            DeliveryStatus.CANCELLED: self.cancelled,
+            DeliveryStatus.SKIPPED: self.skipped,
+        }
+        return {status: found.get(status, 0) for status in DeliveryStatus.values}
+
+
+SUMMARY_STATUSES = ("sent", "failed", "unknown", "cancelled", "skipped")
 
 
 class SendingSwitch(models.Model):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from django.contrib import admin, messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.exceptions import PermissionDenied
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
@@ -18,7 +19,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from notifications import alerts, controls, fairshare, heartbeats, ratelimit, selectors
-from notifications.models import Alert, SendingSwitch
+from notifications.models import Alert, Mailing, SendingSwitch
 from slips.models import School
 
 RECENT_ALERTS = 30
@@ -31,26 +32,44 @@ class SchoolRow:
     open_alerts: int
 
 
-def ops_overview() -> dict:
-    """Everything the page shows, read in a handful of queries."""
+# A school found by the search box: at most this many rows.
+SEARCH_LIMIT = 50
+
+
+def ops_overview(*, query: str = "") -> dict:
+    """Everything the page shows, read in a handful of queries.
+
+    A platform has a thousand schools and on most of them nothing is going on: the table lists
+    those with something to see (a backlog, an unknown outcome, recent failures, an open alert,
+    a message sending, a pause), and any school the search box names, so that every school
+    stays one search away from its pause button while the page stays small.
+    """
     stats = selectors.school_stats()
     open_by_school: dict[int, int] = {}
     for school_id in Alert.objects.filter(
         cleared_at__isnull=True, school__isnull=False
     ).values_list("school_id", flat=True):
         open_by_school[school_id] = open_by_school.get(school_id, 0) + 1
+    sending = Mailing.objects.filter(status=Mailing.Status.SENDING).values("school_id")
+    shown = Q(pk__in=[*stats, *open_by_school]) | Q(pk__in=sending) | Q(sending_paused=True)
+    query = query.strip()[:100]
+    if query:
+        found = School.objects.filter(Q(name__icontains=query) | Q(slug__icontains=query))
+        shown |= Q(pk__in=found.order_by("name").values("pk")[:SEARCH_LIMIT])
     rows = [
         SchoolRow(
             school=school,
             stats=stats.get(school.pk, selectors.SchoolStats(school_id=school.pk)),
             open_alerts=open_by_school.get(school.pk, 0),
         )
-        for school in School.objects.order_by("name")
+        for school in School.objects.filter(shown).order_by("name")
     ]
     since = timezone.now() - dt.timedelta(days=7)
     return {
         "switch": SendingSwitch.objects.filter(pk=1).first(),
         "rows": rows,
+        "query": query,
+        "schools_quiet": School.objects.count() - len(rows),
         "open_alerts": Alert.objects.filter(cleared_at__isnull=True).select_related("school"),
         "recent_alerts": Alert.objects.filter(cleared_at__gte=since).select_related("school")[
             :RECENT_ALERTS
@@ -72,7 +91,11 @@ def _superuser(request: HttpRequest) -> None:
 @staff_member_required
 def ops_page(request: HttpRequest) -> HttpResponse:
     _superuser(request)
-    context = {**admin.site.each_context(request), "title": "Sending operations", **ops_overview()}
+    context = {
+        **admin.site.each_context(request),
+        "title": "Sending operations",
+        **ops_overview(query=request.GET.get("q", "")),
+    }
     return render(request, "notifications/ops/index.html", context)
 
 

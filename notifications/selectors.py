@@ -22,12 +22,14 @@ from django.db.models import Count, Exists, Min, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from notifications import summaries
 from notifications.models import (
     TERMINAL_STATUSES,
     Delivery,
     DeliveryEvent,
     DeliveryStatus,
     Mailing,
+    MailingSummary,
     SendingSwitch,
 )
 from slips.models import Broadcast, School, Slip
@@ -166,32 +168,50 @@ class SchoolStats:
 
 
 def school_stats(*, failed_since: dt.datetime | None = None) -> dict[int, SchoolStats]:
-    """Per school: backlog and its oldest wait (as ``backlog``), unknowns, recent failures."""
+    """Per school: backlog and its oldest wait (as ``backlog``), unknowns, recent failures.
+
+    Three reads, each from an index that holds only what it counts: the backlog through the
+    sending mailings, unknowns through their partial index, failures through the mailings
+    open since ``failed_since``. None of them grows with the history.
+    """
     now = timezone.now()
     failed_since = failed_since or now - dt.timedelta(days=7)
-    due = backlog_q(now=now)
-    failed = Q(status=S.FAILED, updated_at__gte=failed_since)
-    rows = (
-        Delivery.objects.filter(due | Q(status=S.UNKNOWN) | failed)
+    found: dict[int, dict] = {}
+
+    def row(school_id: int) -> dict:
+        return found.setdefault(school_id, {"school_id": school_id})
+
+    backlog_rows = (
+        Delivery.objects.filter(backlog_q(now=now))
         .order_by()
         .values("school_id")
-        .annotate(
-            backlog=Count("id", filter=due),
-            oldest=Min(DUE_SINCE, filter=due),
-            unknown=Count("id", filter=Q(status=S.UNKNOWN)),
-            failed_recent=Count("id", filter=failed),
-        )
+        .annotate(n=Count("id"), oldest=Min(DUE_SINCE))
     )
-    return {
-        row["school_id"]: SchoolStats(
-            school_id=row["school_id"],
-            backlog=row["backlog"],
-            oldest_due_seconds=(now - row["oldest"]).total_seconds() if row["oldest"] else None,
-            unknown=row["unknown"],
-            failed_recent=row["failed_recent"],
+    for r in backlog_rows:
+        row(r["school_id"]).update(
+            backlog=r["n"], oldest_due_seconds=(now - r["oldest"]).total_seconds()
         )
-        for row in rows
-    }
+    unknown_rows = (
+        Delivery.objects.filter(status=S.UNKNOWN)
+        .order_by()
+        .values_list("school_id")
+        .annotate(n=Count("id"))
+    )
+    for school_id, n in unknown_rows:
+        row(school_id)["unknown"] = n
+    failed_rows = (
+        Delivery.objects.filter(
+            mailing_id__in=summaries.mailing_ids_open_since(failed_since),
+            status=S.FAILED,
+            updated_at__gte=failed_since,
+        )
+        .order_by()
+        .values_list("school_id")
+        .annotate(n=Count("id"))
+    )
+    for school_id, n in failed_rows:
+        row(school_id)["failed_recent"] = n
+    return {school_id: SchoolStats(**values) for school_id, values in found.items()}
 
 
 # --- outcomes ------------------------------------------------------------------------------------
@@ -209,17 +229,20 @@ class FailureRate:
 
 
 def failure_rate(*, since: dt.datetime) -> FailureRate:
-    """Outcomes recorded by the pipeline since then: failures by their events, sends by the
-    rows' ``sent_at`` (an accepted send writes no event). Fan-out rejects of bad and suppressed
-    addresses are not sends and do not count."""
-    failed = DeliveryEvent.objects.filter(at__gte=since, to_status=S.FAILED).count()
-    sent = Delivery.objects.filter(sent_at__gte=since).count()
+    """Outcomes recorded by the pipeline since then: failures by their events (an index on
+    their time), sends by the rows' ``sent_at`` among the mailings open since then (an
+    accepted send writes no event). Fan-out rejects of bad and suppressed addresses are not
+    sends and do not count."""
+    failed = DeliveryEvent.objects.filter(to_status=S.FAILED, at__gte=since).count()
+    sent = Delivery.objects.filter(
+        mailing_id__in=summaries.mailing_ids_open_since(since), status=S.SENT, sent_at__gte=since
+    ).count()
     return FailureRate(failed=failed, sent=sent)
 
 
 def accepted_sends() -> int:
-    """Accepted sends ever recorded (the rows' ``accepted`` counts)."""
-    return Delivery.objects.aggregate(n=Sum("accepted"))["n"] or 0
+    """Accepted sends ever recorded, archived mailings included: only ever grows."""
+    return summaries.status_totals()[1]
 
 
 def duplicate_sends() -> list[dict]:
@@ -246,14 +269,19 @@ def duplicate_sends() -> list[dict]:
 
 
 def delivery_status_counts(*, deliveries: QuerySet[Delivery] | None = None) -> dict[str, int]:
-    """Every status with its count (zeros included, so reports have a stable shape)."""
-    qs = deliveries if deliveries is not None else Delivery.objects.all()
-    found = dict(qs.order_by().values_list("status").annotate(n=Count("id")))
+    """Every status with its count (zeros included, so reports have a stable shape).
+
+    Without ``deliveries``: every delivery ever recorded, from the mailings' summaries and the
+    open mailings' rows (``summaries.status_totals``), archived mailings included.
+    """
+    if deliveries is None:
+        return summaries.status_totals()[0]
+    found = dict(deliveries.order_by().values_list("status").annotate(n=Count("id")))
     return {status: found.get(status, 0) for status in DeliveryStatus.values}
 
 
 def mailing_counts(*, mailing: Mailing) -> dict[str, int]:
-    return delivery_status_counts(deliveries=Delivery.objects.filter(mailing=mailing))
+    return summaries.mailings_counts([mailing.pk])[mailing.pk]
 
 
 def deliveries_of(source: Slip | Broadcast) -> QuerySet[Delivery]:
@@ -263,7 +291,9 @@ def deliveries_of(source: Slip | Broadcast) -> QuerySet[Delivery]:
 
 
 def source_counts(source: Slip | Broadcast) -> dict[str, int]:
-    return delivery_status_counts(deliveries=deliveries_of(source))
+    """Counts across every mailing of a slip or broadcast, archived ones included."""
+    ids = mailings_of(source).values_list("pk", flat=True)
+    return summaries.counts_sum(summaries.mailings_counts(ids).values())
 
 
 @dataclass(frozen=True)
@@ -281,13 +311,23 @@ def broadcast_reach(*, broadcast: Broadcast) -> BroadcastReach:
     recipient counts once however often they open it; mail scanners that prefetch links
     make it an upper bound.
     """
-    deliveries = deliveries_of(broadcast)
     counts = source_counts(broadcast)
+    # Parents still open a broadcast after it completed, so its rows are counted while they
+    # exist; retention's final count stands in for them once they are gone.
+    archived = MailingSummary.objects.filter(
+        mailing__broadcast=broadcast, archived_at__isnull=False
+    )
+    opened = (
+        deliveries_of(broadcast)
+        .filter(opened_at__isnull=False)
+        .exclude(mailing_id__in=archived.values("mailing_id"))
+        .count()
+    )
     return BroadcastReach(
         sent=counts[S.SENT],
         failed=counts[S.FAILED],
         unknown=counts[S.UNKNOWN],
-        opened=deliveries.filter(opened_at__isnull=False).count(),
+        opened=opened + (archived.aggregate(n=Sum("opened"))["n"] or 0),
     )
 
 

@@ -13,7 +13,16 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 # heartbeats is imported for its Celery signal receivers: beat and workers import this module.
-from notifications import alerts, batch, dispatch, heartbeats, log_context, nudges, sweep
+from notifications import (
+    alerts,
+    batch,
+    dispatch,
+    heartbeats,
+    log_context,
+    nudges,
+    retention,
+    sweep,
+)
 
 log = logging.getLogger("edsmart.pipeline")
 
@@ -56,6 +65,11 @@ def dispatch_due() -> list[int]:
 @shared_task(name="notifications.tasks.sweep")
 def sweep_task() -> dict:
     return sweep.sweep().__dict__
+
+
+@shared_task(name="notifications.tasks.history_prune")
+def history_prune() -> dict:
+    return retention.history_prune().__dict__
 
 
 @shared_task(name="notifications.tasks.watch")

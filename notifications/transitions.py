@@ -27,7 +27,7 @@ import psycopg
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 
-from notifications import selectors
+from notifications import selectors, summaries
 from notifications.mailer import Outcome, SendResult
 from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Mailing
 from notifications.rendering import message_id_for
@@ -550,6 +550,8 @@ def _after_record(claimed: Claimed, result: SendResult, to: str, ok: bool) -> st
         # server was slow, and this acceptance of the same attempt settles it.
         ok = _run(transition=_accepted_late_part(claimed, result))[0]
         if ok:
+            # The mailing may have been closed and summarised with this row ``unknown``.
+            summaries.mailings_unsummarise([claimed.mailing_id])
             log.warning(
                 "delivery %s: a late acceptance settled its unknown outcome (attempt %s)",
                 claimed.id,
@@ -735,9 +737,15 @@ def mailings_reopen(*, mailing_ids: Iterable[int] | None = None) -> int:
     """completed -> sending for mailings that have open rows again (a late 4xx on an unknown
     that raced the completion, a person's resend), so the open rows are claimed and the
     mailing completes after them. Every such row comes from a move here, hence its place."""
-    mailings = Mailing.objects.filter(status=Mailing.Status.COMPLETED)
+    # A summarised mailing has no open row (whatever reopens one unsummarises it first), so
+    # the sweep's pass probes only the few unsummarised ones, not a year of completed mailings.
+    mailings = Mailing.objects.filter(status=Mailing.Status.COMPLETED, summarised=False)
     if mailing_ids is not None:
-        mailings = mailings.filter(pk__in=list(mailing_ids))
+        given = list(mailing_ids)
+        # A row of these moved back to open: no summary of theirs may stand, a cancelled
+        # mailing's included (its orphaned rows are then found and cancelled).
+        summaries.mailings_unsummarise(given)
+        mailings = mailings.filter(pk__in=given)
     return mailings.filter(selectors.mailing_has_open_rows()).update(
         status=Mailing.Status.SENDING, completed_at=None
     )

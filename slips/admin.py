@@ -27,6 +27,7 @@ from edsmart.admin_tenancy import (
     TenantAdmin,
     has_role,
     is_ops,
+    recent_filter,
     school_ids_with_role,
 )
 from notifications import controls
@@ -43,6 +44,7 @@ from slips.models import (
     Response,
     ResponseChange,
     School,
+    Slip,
     Student,
 )
 
@@ -260,7 +262,7 @@ class ResponseAdmin(ReadOnlyTenantAdmin):
     """Parents' answers: recorded through their links, so staff read and export them here."""
 
     list_display = ("slip", "student", "consent", "answer", "guardian", "answered_at")
-    list_filter = ("consent", ("slip", admin.RelatedOnlyFieldListFilter))
+    list_filter = ("consent", recent_filter(Slip, "slip_id", "slip__id__exact", "slip"))
     search_fields = ("student__first_name", "student__last_name", "slip__title", "guardian__name")
     list_select_related = ("slip", "student", "guardian")
     inlines = (ResponseChangeInline,)

@@ -384,7 +384,11 @@ def test_mailing_changelist_counts_per_status(school, audience, client):
     _deliveries(mailing, [DeliveryStatus.SENT] * 2 + [DeliveryStatus.UNKNOWN])
     response = client.get(reverse("admin:notifications_mailing_changelist"))
     row = response.context["cl"].result_list[0]
-    assert (row.n_sent, row.n_unknown, row.n_failed) == (2, 1, 0)
+    assert (row.columns["n_sent"], row.columns["n_unknown"], row.columns["n_failed"]) == (2, 1, 0)
+    html = response.content.decode()
+    assert (
+        '<td class="field-n_sent">2</td>' in html and '<td class="field-n_unknown">1</td>' in html
+    )
 
 
 # --- unknowns, suppressions and switches ---------------------------------------------------------
