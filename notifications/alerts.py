@@ -97,6 +97,9 @@ class Condition:
     school_id: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
+    # What an alert row takes from it, in ``_alerts_insert``'s order.
+    COLUMNS = ("key", "kind", "severity", "school_id", "message")
+
 
 def _school_names(ids: set[int]) -> dict[int, str]:
     return dict(School.objects.filter(pk__in=ids).values_list("pk", "name")) if ids else {}
@@ -106,7 +109,7 @@ def conditions_now() -> list[Condition]:
     """Everything that is wrong right now, as alert conditions (no side effects)."""
     found: list[Condition] = []
     stats = selectors.school_stats()
-    names = _school_names(set(stats))
+    names = _school_names({pk for pk, st in stats.items() if st.backlog or st.unknown})
     paused = set(School.objects.filter(sending_paused=True).values_list("pk", flat=True))
     limit = backlog_max_age()
     for school_id, st in sorted(stats.items()):
@@ -307,16 +310,58 @@ def _database_back() -> None:
         log.warning("could not clear the database-down marker in Redis", exc_info=True)
 
 
+def _alerts_insert(conds: list[Condition]) -> set[str]:
+    """``_alert_insert`` for many conditions in one statement: the keys newly opened."""
+    if not conds:
+        return set()
+    table = Alert._meta.db_table
+    sql = f"""
+        INSERT INTO {table} (key, kind, severity, school_id, message, raised_at, last_seen_at,
+                             cleared_at, notified)
+        SELECT v.key, v.kind, v.severity, v.school_id, v.message, statement_timestamp(),
+               statement_timestamp(), NULL, false
+        FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[])
+             AS v(key, kind, severity, school_id, message)
+        ON CONFLICT (key) WHERE cleared_at IS NULL DO NOTHING
+        RETURNING key
+    """  # noqa: S608 - the table name comes from model _meta; values are parameters
+    columns = [[getattr(c, name) for c in conds] for name in Condition.COLUMNS]
+    with connection.cursor() as cur:
+        cur.execute(sql, columns)
+        return {row[0] for row in cur.fetchall()}
+
+
+def _alerts_refresh(conds: list[Condition]) -> None:
+    """Alerts still open: their message as it reads now, and when they were last seen."""
+    if not conds:
+        return
+    table = Alert._meta.db_table
+    sql = f"""
+        UPDATE {table} a SET message = v.message, last_seen_at = statement_timestamp()
+        FROM unnest(%s::text[], %s::text[]) AS v(key, message)
+        WHERE a.key = v.key AND a.cleared_at IS NULL
+    """  # noqa: S608 - the table name comes from model _meta; values are parameters
+    with connection.cursor() as cur:
+        cur.execute(sql, [[c.key for c in conds], [c.message for c in conds]])
+
+
 def _watch(found: list[Condition]) -> WatchReport:
     report = WatchReport()
+    # Conditions but duplicates are opened in one statement (a watch at a thousand schools
+    # may hold dozens); a duplicate trips the breaker in the transaction that opens it.
+    opened = _alerts_insert([c for c in found if c.kind != "duplicate"])
+    seen: list[Condition] = []
     for cond in found:
-        with transaction.atomic():
-            new_id = _alert_insert(cond)
-            if new_id is not None and cond.kind == "duplicate":
-                _trip_breaker(cond)
-                if cond.school_id is not None:
-                    report.breaker_tripped.append(cond.school_id)
-        if new_id is not None:
+        if cond.kind == "duplicate":
+            with transaction.atomic():
+                new = _alert_insert(cond) is not None
+                if new:
+                    _trip_breaker(cond)
+                    if cond.school_id is not None:
+                        report.breaker_tripped.append(cond.school_id)
+        else:
+            new = cond.key in opened
+        if new:
             report.raised.append(cond.key)
             log.error(
                 "alert raised: %s",
@@ -324,10 +369,9 @@ def _watch(found: list[Condition]) -> WatchReport:
                 extra={"alert_key": cond.key, "school_id": cond.school_id},
             )
         else:
-            Alert.objects.filter(key=cond.key, cleared_at__isnull=True).update(
-                message=cond.message, last_seen_at=timezone.now()
-            )
+            seen.append(cond)
             report.still_open.append(cond.key)
+    _alerts_refresh(seen)
 
     keys = [c.key for c in found]
     to_clear = Alert.objects.filter(cleared_at__isnull=True).exclude(key__in=keys)

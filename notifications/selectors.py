@@ -170,9 +170,9 @@ class SchoolStats:
 def school_stats(*, failed_since: dt.datetime | None = None) -> dict[int, SchoolStats]:
     """Per school: backlog and its oldest wait (as ``backlog``), unknowns, recent failures.
 
-    Three reads, each from an index that holds only what it counts: the backlog through the
-    sending mailings, unknowns through their partial index, failures through the mailings
-    open since ``failed_since``. None of them grows with the history.
+    Each read from what holds only what it counts: the backlog through the sending mailings,
+    unknowns through their partial index, failures from the summaries of mailings closed since
+    ``failed_since`` and the rows of open ones. None of them grows with the history.
     """
     now = timezone.now()
     failed_since = failed_since or now - dt.timedelta(days=7)
@@ -199,17 +199,7 @@ def school_stats(*, failed_since: dt.datetime | None = None) -> dict[int, School
     )
     for school_id, n in unknown_rows:
         row(school_id)["unknown"] = n
-    failed_rows = (
-        Delivery.objects.filter(
-            mailing_id__in=summaries.mailing_ids_open_since(failed_since),
-            status=S.FAILED,
-            updated_at__gte=failed_since,
-        )
-        .order_by()
-        .values_list("school_id")
-        .annotate(n=Count("id"))
-    )
-    for school_id, n in failed_rows:
+    for school_id, n in summaries.failed_per_school(since=failed_since).items():
         row(school_id)["failed_recent"] = n
     return {school_id: SchoolStats(**values) for school_id, values in found.items()}
 

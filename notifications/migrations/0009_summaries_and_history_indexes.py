@@ -3,7 +3,10 @@
 The new indexes on the deliveries and events tables are built concurrently (each build reads
 the whole table; sending goes on meanwhile), so the migration is not atomic. The plain index
 on ``delivery.school_id`` goes last, once ``(school_id, id)`` can serve its lookups. Then every
-closed mailing with no open row is summarised, as the sweep does from now on.
+closed mailing with no open row is summarised, as the sweep does from now on, dated by the
+last change of its rows (the sweep dates a summary when it writes it, seconds after that): the
+windowed reads take "summarised since T" as "a row may have changed since T", and a year of
+summaries all dated today would send them through the whole year for a week.
 """
 
 import django.db.models.deletion
@@ -14,7 +17,7 @@ from django.db import migrations, models
 # closed mailing at once.
 SUMMARISE_ALL = """
     WITH target AS (
-        SELECT m.id, m.school_id FROM notifications_mailing m
+        SELECT m.id, m.school_id, m.completed_at, m.created_at FROM notifications_mailing m
         WHERE NOT m.summarised AND m.status IN ('completed', 'cancelled')
           AND NOT EXISTS (SELECT 1 FROM notifications_delivery o
                           WHERE o.mailing_id = m.id
@@ -26,7 +29,9 @@ SUMMARISE_ALL = """
                count(d.id) FILTER (WHERE d.status = 'unknown') AS unknown,
                count(d.id) FILTER (WHERE d.status = 'cancelled') AS cancelled,
                count(d.id) FILTER (WHERE d.status = 'skipped') AS skipped,
-               coalesce(sum(d.accepted), 0) AS accepted, count(d.opened_at) AS opened
+               coalesce(sum(d.accepted), 0) AS accepted, count(d.opened_at) AS opened,
+               coalesce(max(d.updated_at), max(t.completed_at), max(t.created_at))
+                   AS last_change
         FROM target t LEFT JOIN notifications_delivery d ON d.mailing_id = t.id
         GROUP BY t.id, t.school_id
     ), written AS (
@@ -34,7 +39,7 @@ SUMMARISE_ALL = """
             (mailing_id, school_id, sent, failed, unknown, cancelled, skipped, accepted, opened,
              summarised_at)
         SELECT id, school_id, sent, failed, unknown, cancelled, skipped, accepted, opened,
-               statement_timestamp()
+               last_change
         FROM counted
         ON CONFLICT (mailing_id) DO NOTHING
         RETURNING mailing_id
