@@ -2,10 +2,9 @@
 
 Django's changelist counts the whole filtered queryset for its paginator ("99,873
 deliveries", and the page links). At a year of history a school has a hundred thousand
-deliveries and ops see ten million: the count took longer than the page. Above
-``EXACT_BELOW`` rows, the planner's own estimate (``EXPLAIN``, from the table statistics
-autovacuum keeps) stands in for the count, and the page says "about". Below it, and for
-every filtered list that the planner expects to be small, the count is exact.
+deliveries and ops see ten million: the count took longer than the page. So the count stops
+at ``EXACT_BELOW`` rows; a list longer than that shows the planner's own estimate
+(``EXPLAIN``, from the table statistics autovacuum keeps) and the page says "about".
 """
 
 from __future__ import annotations
@@ -29,16 +28,20 @@ def planner_rows(queryset: QuerySet) -> int | None:
 
 
 class EstimatedCountPaginator(Paginator):
-    """A paginator whose count is the planner's estimate when that is large (``estimated``)."""
+    """A paginator that counts at most ``EXACT_BELOW + 1`` rows; past that, its count is the
+    planner's estimate (``estimated``), never less than what it counted."""
 
     estimated = False
 
     @cached_property
     def count(self) -> int:
         object_list = self.object_list
-        if isinstance(object_list, QuerySet):
-            guess = planner_rows(object_list)
-            if guess is not None and guess >= EXACT_BELOW:
-                self.estimated = True
-                return guess
-        return super().count
+        if not isinstance(object_list, QuerySet):
+            return super().count
+        # COUNT over a LIMIT subquery: exact for any list up to the bound, whatever the
+        # statistics say, and never more than the bound's worth of rows read.
+        counted = object_list.order_by()[: EXACT_BELOW + 1].count()
+        if counted <= EXACT_BELOW:
+            return counted
+        self.estimated = True
+        return max(planner_rows(object_list) or 0, counted)

@@ -329,7 +329,8 @@ def test_admin_lists_draw_a_page_from_an_estimate_without_counting(
     assert page.context["cl"].paginator.estimated
     assert "about 6 deliveries" in page.content.decode()
     counts = [q["sql"] for q in queries if "COUNT(" in q["sql"].upper()]
-    assert not [sql for sql in counts if "notifications_delivery" in sql], counts
+    unbounded = [sql for sql in counts if "notifications_delivery" in sql and "LIMIT 4" not in sql]
+    assert not unbounded, counts
     # Newest first.
     shown = [d.pk for d in page.context["cl"].result_list]
     assert shown == sorted(shown, reverse=True) and len(shown) == 6
