@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import OperationalError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from notifications.models import Delivery, DeliveryEvent, Mailing, MailingSummary
@@ -106,36 +107,35 @@ def history_prune(
 
     due = MailingSummary.objects.filter(
         archived_at__isnull=True, unknown=0, summarised_at__lt=cutoff, mailing__summarised=True
-    ).order_by("summarised_at")
-    ids = list(due.values_list("mailing_id", flat=True)[:MAILINGS_PER_PASS])
-    if ids:
-        with transaction.atomic(), connection.cursor() as cur:
-            cur.execute(ARCHIVE_SQL, {"ids": ids, "cutoff": cutoff})
-            report.archived = [row[0] for row in cur.fetchall()]
-
+    ).order_by("summarised_at", "mailing_id")
     removing = MailingSummary.objects.filter(
         archived_at__isnull=False, rows_removed_at__isnull=True
     ).order_by("archived_at")
-    for mailing_id in removing.values_list("mailing_id", flat=True)[:MAILINGS_PER_PASS]:
-        while True:
-            if time.monotonic() > deadline:
-                report.out_of_time = True
-                break
-            try:
-                removed = _remove_batch(mailing_id, batch_rows)
-            except OperationalError:
-                # A lock that did not come within LOCK_TIMEOUT: someone else is on these rows
-                # (another prune); leave them for the next run.
-                log.warning("retention: mailing %s busy, left for the next run", mailing_id)
-                report.lock_waits += 1
-                break
-            report.rows_removed += removed
-            if removed < batch_rows:
-                MailingSummary.objects.filter(mailing_id=mailing_id).update(rows_removed_at=now)
-                report.mailings_emptied.append(mailing_id)
-                break
-        if report.out_of_time or report.lock_waits:
+    # Pass after pass (archive a few hundred mailings, remove their rows) until nothing is
+    # left or the budget is spent: a first run on years of history catches up within hours.
+    after: tuple[dt.datetime, int] | None = None
+    while not (report.out_of_time or report.lock_waits):
+        # Onwards from the last one offered: a mailing the archive statement leaves (it moved
+        # meanwhile) is not offered again in this run, so it cannot hold up the ones behind it.
+        page = due
+        if after is not None:
+            page = due.filter(
+                Q(summarised_at__gt=after[0]) | Q(summarised_at=after[0], mailing_id__gt=after[1])
+            )
+        offered = list(page.values_list("summarised_at", "mailing_id")[:MAILINGS_PER_PASS])
+        ids = [mailing_id for _, mailing_id in offered]
+        if offered:
+            after = offered[-1]
+            with transaction.atomic(), connection.cursor() as cur:
+                cur.execute(ARCHIVE_SQL, {"ids": ids, "cutoff": cutoff})
+                report.archived += [row[0] for row in cur.fetchall()]
+        emptying = list(removing.values_list("mailing_id", flat=True)[:MAILINGS_PER_PASS])
+        if not emptying:
             break
+        for mailing_id in emptying:
+            _remove_rows(mailing_id, report, deadline=deadline, batch_rows=batch_rows, now=now)
+            if report.out_of_time or report.lock_waits:
+                break
     if report.archived or report.rows_removed:
         log.info(
             "retention: %s mailings archived, %s delivery rows removed",
@@ -144,6 +144,29 @@ def history_prune(
             extra={"mailings_emptied": len(report.mailings_emptied)},
         )
     return report
+
+
+def _remove_rows(
+    mailing_id: int, report: PruneReport, *, deadline: float, batch_rows: int, now: dt.datetime
+) -> None:
+    """One archived mailing's events and deliveries, batch by batch, within the deadline."""
+    while True:
+        if time.monotonic() > deadline:
+            report.out_of_time = True
+            return
+        try:
+            removed = _remove_batch(mailing_id, batch_rows)
+        except OperationalError:
+            # A lock that did not come within LOCK_TIMEOUT: someone else is on these rows
+            # (another prune); leave them for the next run.
+            log.warning("retention: mailing %s busy, left for the next run", mailing_id)
+            report.lock_waits += 1
+            return
+        report.rows_removed += removed
+        if removed < batch_rows:
+            MailingSummary.objects.filter(mailing_id=mailing_id).update(rows_removed_at=now)
+            report.mailings_emptied.append(mailing_id)
+            return
 
 
 def _remove_batch(mailing_id: int, limit: int) -> int:

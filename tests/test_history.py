@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import time
 
+import psycopg
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
@@ -275,6 +277,29 @@ def test_retention_stops_at_its_budget_and_the_next_run_finishes(school, smtp, r
     second = retention.history_prune(batch_rows=2)
     assert second.archived == [] and second.rows_removed == 3
     assert not Delivery.objects.filter(mailing=mailing).exists()
+
+
+def test_retention_never_waits_on_a_lock(school, smtp, redis_client, settings):
+    """A batch whose rows someone else holds gives up within its lock timeout and leaves them
+    for the next run, instead of queueing behind (or in front of) other work."""
+    mailing = sent_mailing(school, families=2)
+    sweep.sweep()
+    age(mailing, days=500)
+    url = settings.DATABASES["default"]
+    with psycopg.connect(
+        host=url["HOST"], port=url["PORT"], user=url["USER"], dbname=url["NAME"]
+    ) as other:
+        other.execute(
+            "SELECT id FROM notifications_delivery WHERE mailing_id = %s FOR UPDATE",
+            [mailing.pk],
+        )
+        started = time.monotonic()
+        held = retention.history_prune()
+        assert time.monotonic() - started < 10
+        assert held.lock_waits == 1 and held.rows_removed == 0
+        other.rollback()
+    assert Delivery.objects.filter(mailing=mailing).count() == 2
+    assert retention.history_prune().rows_removed == 2
 
 
 def test_history_prune_command(school, smtp, redis_client):
