@@ -163,7 +163,9 @@ def _remove_rows(
             report.lock_waits += 1
             return
         report.rows_removed += removed
-        if removed < batch_rows:
+        # A short batch means none left, unless a concurrent run took some of this batch's
+        # rows: then look before calling the mailing emptied.
+        if removed < batch_rows and not Delivery.objects.filter(mailing_id=mailing_id).exists():
             MailingSummary.objects.filter(mailing_id=mailing_id).update(rows_removed_at=now)
             report.mailings_emptied.append(mailing_id)
             return
