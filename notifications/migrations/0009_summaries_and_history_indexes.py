@@ -12,6 +12,7 @@ summaries all dated today would send them through the whole year for a week.
 import django.db.models.deletion
 from django.contrib.postgres.operations import AddIndexConcurrently
 from django.db import migrations, models
+from django.db.migrations.exceptions import IrreversibleError
 
 # Frozen copy of notifications.summaries.SUMMARISE_SQL as of this migration, for every
 # closed mailing at once.
@@ -51,6 +52,22 @@ UNSUMMARISE_ALL = """
     DELETE FROM notifications_mailingsummary;
     UPDATE notifications_mailing SET summarised = false WHERE summarised;
 """
+
+
+def unsummarise_all(apps, schema_editor) -> None:
+    """Going back is safe only while retention has removed nothing: an archived mailing's
+    summary is all that is left of its deliveries."""
+    summary = apps.get_model("notifications", "MailingSummary")
+    if summary.objects.filter(archived_at__isnull=False).exists():
+        raise IrreversibleError(
+            "retention has archived mailings: their summaries hold the only record of their "
+            "deliveries, so 0009 cannot be unapplied"
+        )
+    schema_editor.execute(UNSUMMARISE_ALL)
+
+
+def summarise_all(apps, schema_editor) -> None:
+    schema_editor.execute(SUMMARISE_ALL)
 
 
 class Migration(migrations.Migration):
@@ -139,5 +156,5 @@ class Migration(migrations.Migration):
                 to="slips.school",
             ),
         ),
-        migrations.RunSQL(SUMMARISE_ALL, reverse_sql=UNSUMMARISE_ALL),
+        migrations.RunPython(summarise_all, reverse_code=unsummarise_all),
     ]
