@@ -260,21 +260,25 @@ def unknowns_resolve(*, delivery_ids: Iterable[int], resolution: str, actor: str
     for delivery_id, mailing_id in Delivery.objects.filter(
         pk__in=list(delivery_ids), status=S.UNKNOWN
     ).values_list("pk", "mailing_id"):
-        if transitions.delivery_move(
-            delivery_id=delivery_id,
-            attempt=None,
-            from_statuses=[S.UNKNOWN],
-            to=to,
-            detail=detail,
-            actor=actor,
-            sets=sets,
-        ):
+        with transaction.atomic():
+            # A closed mailing's summary counted this row as unknown: it is counted from its
+            # rows again (until the sweep summarises it anew) in the move's own transaction.
+            summaries.mailing_hold(mailing_id)
+            done = transitions.delivery_move(
+                delivery_id=delivery_id,
+                attempt=None,
+                from_statuses=[S.UNKNOWN],
+                to=to,
+                detail=detail,
+                actor=actor,
+                sets=sets,
+            )
+            if done:
+                summaries.mailings_unsummarise([mailing_id])
+        if done:
             moved += 1
             touched_mailings.add(mailing_id)
             transitions.log_transition(delivery_id, mailing_id, to, actor=actor)
-    # A closed mailing's summary counted these rows as unknown: count it from its rows again
-    # until the sweep summarises it anew.
-    summaries.mailings_unsummarise(touched_mailings)
     if resolution == Resolution.RESEND:
         # The mailing may already be completed; reopen it so the resend is sent and tracked.
         transitions.mailings_reopen(mailing_ids=touched_mailings)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Count, Sum
 
 from notifications.models import (
@@ -87,9 +87,21 @@ UNSUMMARISE_SQL = f"""
 """  # noqa: S608 - table names come from model _meta; values are parameters
 
 
+LOCK_SQL = f"""
+    SELECT id FROM {M} WHERE id = ANY(%(ids)s) AND NOT summarised AND status = ANY(%(closed)s)
+    ORDER BY id FOR UPDATE
+"""  # noqa: S608 - the table name comes from model _meta; values are parameters
+
+
 def mailings_summarise(mailing_ids: Iterable[int] | None = None) -> list[int]:
     """Summarise these closed mailings (or every closed, unsummarised one) that have no open
-    row. Safe to run twice and concurrently: a summarised mailing is left alone."""
+    row. Safe to run twice and concurrently: a summarised mailing is left alone.
+
+    The mailings are locked first and counted by a second statement, whose snapshot is taken
+    once every move that held one of them (``mailing_hold``) has committed: a summary never
+    misses an acceptance that a scrape has already counted from the rows, so the send counter
+    cannot step back.
+    """
     if mailing_ids is None:
         mailing_ids = Mailing.objects.filter(
             summarised=False, status__in=CLOSED_MAILING_STATUSES
@@ -97,12 +109,22 @@ def mailings_summarise(mailing_ids: Iterable[int] | None = None) -> list[int]:
     ids = list(mailing_ids)
     if not ids:
         return []
-    with connection.cursor() as cur:
-        cur.execute(
-            SUMMARISE_SQL,
-            {"ids": ids, "closed": list(CLOSED_MAILING_STATUSES), "open": list(OPEN_STATUSES)},
-        )
+    closed = list(CLOSED_MAILING_STATUSES)
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(LOCK_SQL, {"ids": ids, "closed": closed})
+        locked = [row[0] for row in cur.fetchall()]
+        if not locked:
+            return []
+        cur.execute(SUMMARISE_SQL, {"ids": locked, "closed": closed, "open": list(OPEN_STATUSES)})
         return [row[0] for row in cur.fetchall()]
+
+
+def mailing_hold(mailing_id: int) -> None:
+    """Inside the transaction of a move that changes a row's accepted sends after its mailing
+    may have closed (a late acceptance, a person's "it was sent"): hold the mailing until the
+    move and its ``mailings_unsummarise`` commit, so no summary is written in between."""
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT 1 FROM {M} WHERE id = %s FOR SHARE", [mailing_id])  # noqa: S608
 
 
 def mailings_unsummarise(mailing_ids: Iterable[int]) -> int:

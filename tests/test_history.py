@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import threading
 import time
 
 import psycopg
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -126,6 +127,50 @@ def test_a_settled_unknown_unsummarises_and_the_send_counter_only_grows(school, 
     summary = MailingSummary.objects.get(mailing=mailing)
     assert (summary.sent, summary.unknown, summary.accepted) == (3, 0, 3)
     assert summaries.status_totals()[1] == 3
+
+
+def test_a_summary_waits_for_a_move_that_holds_its_mailing(school, smtp, redis_client):
+    """The send counter must never step back: a summary written from a snapshot taken before
+    a late acceptance committed would hide an acceptance a scrape had already counted."""
+    mailing = sent_mailing(school, families=2)
+    row = Delivery.objects.filter(mailing=mailing).first()
+    Delivery.objects.filter(pk=row.pk).update(status=S.UNKNOWN, accepted=0, sent_at=None)
+    Mailing.objects.filter(pk=mailing.pk).update(status=Mailing.Status.COMPLETED)
+    held, moved = threading.Event(), threading.Event()
+
+    def late_acceptance() -> None:
+        try:
+            with transaction.atomic():
+                summaries.mailing_hold(mailing.pk)
+                held.set()
+                moved.wait(5)
+                Delivery.objects.filter(pk=row.pk).update(status=S.SENT, accepted=F("accepted") + 1)
+                summaries.mailings_unsummarise([mailing.pk])
+        finally:
+            connection.close()
+
+    mover = threading.Thread(target=late_acceptance)
+    mover.start()
+    assert held.wait(5)
+    result: list[list[int]] = []
+
+    def summarise() -> None:
+        try:
+            result.append(summaries.mailings_summarise([mailing.pk]))
+        finally:
+            connection.close()
+
+    summariser = threading.Thread(target=summarise)
+    summariser.start()
+    time.sleep(0.3)
+    assert summariser.is_alive()  # waiting for the move, not counting around it
+    moved.set()
+    mover.join(5)
+    summariser.join(5)
+    assert result == [[mailing.pk]]
+    summary = MailingSummary.objects.get(mailing=mailing)
+    assert (summary.sent, summary.unknown, summary.accepted) == (2, 0, 2)
+    assert summaries.status_totals()[1] == 2
 
 
 def test_a_resend_reopens_a_summarised_mailing(school, smtp, redis_client):
