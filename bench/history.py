@@ -94,15 +94,10 @@ import contextlib
 import datetime as dt
 import io
 import logging
-import os
-import platform
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -120,12 +115,12 @@ from bench.soak import (  # noqa: E402
     Roles,
     Sink,
     SoakError,
-    _interrupt,
     child_env,
     db_forget,
     django_setup,
     roles_env,
-    uninterruptible,
+    run_header,
+    run_in_workdir,
     wait_for,
 )
 
@@ -1185,24 +1180,6 @@ def errors(results: dict[str, dict[str, Timing]]) -> list[str]:
     return out
 
 
-def header() -> list[str]:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    commit = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
-        commit = head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
-    return [
-        f"# bench/history.py {' '.join(sys.argv[1:])}".rstrip(),
-        f"date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}; commit {commit}",
-        f"machine: {cpus} CPUs; load average {load} at the end; Python {platform.python_version()}",
-    ]
-
-
 def run(opts: Options, workdir: Path, stack_: contextlib.ExitStack) -> int:
     redis = PrivateRedis(workdir)
     stack_.callback(redis.stop)
@@ -1251,7 +1228,7 @@ def run(opts: Options, workdir: Path, stack_: contextlib.ExitStack) -> int:
         results[key] = measure_database(name, opts, stack)
     plans = explain_all() if opts.explain else []
 
-    lines = ["", *header(), ""]
+    lines = ["", *run_header("history.py"), ""]
     if build.phases:
         lines.append(f"build of {opts.full_db}: {build.seconds:.0f} s")
         lines += [f"  {name}: {seconds:.1f} s" for name, seconds in build.phases]
@@ -1292,26 +1269,7 @@ def run(opts: Options, workdir: Path, stack_: contextlib.ExitStack) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    # Also when started in the background, where SIGINT arrives ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="edsmart-history-"))
-    stack = contextlib.ExitStack()
-    code = 2
-    try:
-        code = run(opts, workdir, stack)
-    except KeyboardInterrupt:
-        say("interrupted; cleaning up")
-        code = 130
-    except Exception as exc:  # noqa: BLE001 - whatever it was, say so and tear down
-        if not isinstance(exc, SoakError):
-            traceback.print_exc()
-        say(f"could not complete: {exc}")
-    finally:
-        with uninterruptible():
-            stack.close()  # Django's connection, the sink, Redis: in reverse
-            shutil.rmtree(workdir, ignore_errors=True)
-    return code
+    return run_in_workdir(lambda workdir, stack: run(opts, workdir, stack), name="history")
 
 
 if __name__ == "__main__":

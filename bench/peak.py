@@ -83,8 +83,6 @@ import argparse
 import contextlib
 import datetime as dt
 import math
-import os
-import platform
 import random
 import shutil
 import signal
@@ -117,6 +115,7 @@ from bench.soak import (  # noqa: E402
     django_setup,
     recorded_duplicates_sql,
     roles_env,
+    run_header,
     school_create,
     uninterruptible,
     wait_for,
@@ -842,31 +841,6 @@ def report(
 # --- the header and main ---------------------------------------------------------------------
 
 
-def header(opts: Options) -> list[str]:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    commit = "?"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
-        commit = head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
-    return [
-        f"# bench/peak.py {' '.join(sys.argv[1:])}".rstrip(),
-        f"date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}; commit {commit}",
-        f"machine: {cpus} CPUs (nproc), {model}; load average {load} at the end; "
-        f"Python {platform.python_version()}",
-    ]
-
-
 def run_one(opts: Options) -> int:
     """One run in this process; its report goes to stdout, or to ``--report-to``."""
     workdir = Path(tempfile.mkdtemp(prefix="edsmart-peak-"))
@@ -895,7 +869,7 @@ def run_one(opts: Options) -> int:
         if opts.report_to is not None:
             opts.report_to.write_text("\n".join(lines) + "\n")
         else:
-            print("\n" + "\n".join([*header(opts), "", *lines]))
+            print("\n" + "\n".join([*run_header("peak.py"), "", *lines]))
     return code
 
 
@@ -935,7 +909,7 @@ def run_both(opts: Options) -> int:
         return 130
     finally:
         shutil.rmtree(reports, ignore_errors=True)
-    print("\n" + "\n".join(header(opts)) + "\n")
+    print("\n" + "\n".join(run_header("peak.py")) + "\n")
     print("\n".join(sections))
     return max(codes) if codes else 2
 

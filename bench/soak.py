@@ -62,7 +62,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import os
+import platform
 import random
 import shutil
 import signal
@@ -986,6 +988,71 @@ def gap_context(faults: list[Fault], start: float, end: float, t0: float) -> str
     )
 
 
+def run_header(bench: str) -> list[str]:
+    """The lines every bench report starts with: what ran, when, on which commit and machine
+    (the machine is shared, so its load belongs next to the figures)."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    commit = "?"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
+        commit = head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+    return [
+        f"# bench/{bench} {' '.join(sys.argv[1:])}".rstrip(),
+        f"date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}; commit {commit}",
+        f"machine: {cpus} CPUs (nproc), {model}; load average {load} at the end; "
+        f"Python {platform.python_version()}",
+    ]
+
+
+def run_in_workdir(
+    run: Callable[[Path, contextlib.ExitStack], int],
+    *,
+    name: str,
+    keep: bool = False,
+    log_tails: bool = False,
+) -> int:
+    """A bench's run in a temporary directory, torn down whatever happens: Ctrl-C and SIGTERM
+    (also when started in the background, where SIGINT arrives ignored) stop it, and the
+    teardown itself cannot be interrupted. Exit status 2 if it could not complete."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix=f"edsmart-{name}-"))
+    stack = contextlib.ExitStack()
+    code = 2
+    try:
+        code = run(workdir, stack)
+    except KeyboardInterrupt:
+        print(f"{name} | interrupted; cleaning up", flush=True)
+        code = 130
+    except Exception as exc:  # noqa: BLE001 - whatever it was, say so and tear down
+        if not isinstance(exc, SoakError):
+            traceback.print_exc()
+        print(f"{name} | could not complete: {exc}", flush=True)
+        if log_tails:
+            for log in sorted(workdir.glob("*.log")):
+                print(f"----- {log.name} -----")
+                print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+    finally:
+        with uninterruptible():
+            stack.close()  # whatever the run started, in reverse
+            if keep:
+                print(f"{name} | kept {workdir}", flush=True)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -1003,32 +1070,12 @@ def uninterruptible() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    # Also when started in the background, where SIGINT arrives ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="edsmart-soak-"))
-    stack = contextlib.ExitStack()
-    code = 2
-    try:
-        code = run(opts, workdir, stack)
-    except KeyboardInterrupt:
-        print("soak | interrupted; cleaning up", flush=True)
-        code = 130
-    except Exception as exc:  # noqa: BLE001 - whatever it was, say so and tear down
-        if not isinstance(exc, SoakError):
-            traceback.print_exc()
-        print(f"soak | could not complete: {exc}", flush=True)
-        for log in sorted(workdir.glob("*.log")):
-            print(f"----- {log.name} -----")
-            print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
-    finally:
-        with uninterruptible():
-            stack.close()  # roles, Django's connection, sink, Redis, PostgreSQL: in reverse
-            if opts.keep:
-                print(f"soak | kept {workdir}", flush=True)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-    return code
+    return run_in_workdir(
+        lambda workdir, stack: run(opts, workdir, stack),
+        name="soak",
+        keep=opts.keep,
+        log_tails=True,
+    )
 
 
 if __name__ == "__main__":

@@ -171,13 +171,18 @@ class SchoolListFilter(admin.SimpleListFilter):
         return [(str(s.pk), s.name) for s in schools_for(request)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        value = self.value()
-        if not value:
-            return queryset
-        if not value.isdigit():
-            return queryset.none()
         lookup = getattr(self, "lookup", None) or school_lookup_for(queryset.model)
-        return queryset.filter(**{lookup: int(value)})
+        return filter_by_id(queryset, self.value(), lookup)
+
+
+def filter_by_id(queryset: QuerySet, value: str | None, lookup: str) -> QuerySet:
+    """A list filter's id from the URL applied: nothing for no value, no rows for one that is
+    not a number (a probe, not a crash)."""
+    if not value:
+        return queryset
+    if not value.isdigit():
+        return queryset.none()
+    return queryset.filter(**{lookup: int(value)})
 
 
 class RecentRelatedFilter(admin.SimpleListFilter):
@@ -211,12 +216,7 @@ class RecentRelatedFilter(admin.SimpleListFilter):
         return True  # so that an id given in the URL is applied even when nothing is recent
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        value = self.value()
-        if not value:
-            return queryset
-        if not value.isdigit():
-            return queryset.none()
-        return queryset.filter(**{self.field: int(value)})
+        return filter_by_id(queryset, self.value(), self.field)
 
 
 def recent_filter(
