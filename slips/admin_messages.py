@@ -33,6 +33,7 @@ from notifications.admin import (
 )
 from slips import services
 from slips.admin_answers import BroadcastReachAdminMixin, SlipAnswersAdminMixin
+from slips.admin_reminders import SlipRemindersAdminMixin
 from slips.audiences import audience_recipient_count
 from slips.forms import SendableAdminForm
 from slips.models import Broadcast, Response, SendStatus, Slip
@@ -260,7 +261,7 @@ class SendableAdmin(MessageHandleAdminMixin, TenantAdmin):
 
 
 @admin.register(Slip)
-class SlipAdmin(SlipAnswersAdminMixin, SendableAdmin):
+class SlipAdmin(SlipRemindersAdminMixin, SlipAnswersAdminMixin, SendableAdmin):
     """Slips, with their answers: counts on the change page, the rest on the answers page
     (``slips.admin_answers``)."""
 
@@ -283,7 +284,7 @@ class SlipAdmin(SlipAnswersAdminMixin, SendableAdmin):
         "audience",
         "created_at",
     )
-    actions = [*SendableAdmin.actions, "export_responses_csv"]
+    actions = [*SendableAdmin.actions, "remind_now", "export_responses_csv"]
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> list:
         fieldsets = super().get_fieldsets(request, obj)
@@ -305,6 +306,7 @@ class SlipAdmin(SlipAnswersAdminMixin, SendableAdmin):
     ) -> HttpResponse:
         if obj is not None and obj.pk is not None:
             context["answers_url"] = reverse("admin:slips_slip_answers", args=[obj.pk])
+            context["reminders_url"] = reverse("admin:slips_slip_reminders", args=[obj.pk])
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     @admin.action(description="Export responses of selected slips as CSV")

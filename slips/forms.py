@@ -9,6 +9,8 @@ reasons, in the same words, that scheduling it later would be.
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import zoneinfo
 from typing import Any
 
 from django import forms
@@ -112,4 +114,49 @@ class PhoneAnswerForm(forms.Form):
             and not guardian.students.filter(pk=student.pk).exists()
         ):
             self.add_error("guardian", f"{guardian.name} is not a guardian of {student}.")
+        return cleaned
+
+
+class ReminderForm(forms.Form):
+    """A reminder round: at a date and time (the school's), or some days before the due date."""
+
+    AT, DAYS_BEFORE = "at", "days_before"
+    when = forms.ChoiceField(
+        choices=[(DAYS_BEFORE, "Days before the due date"), (AT, "At a date and time")],
+        initial=DAYS_BEFORE,
+        widget=forms.RadioSelect,
+    )
+    days_before = forms.IntegerField(
+        required=False, min_value=1, max_value=60, initial=1, label="Days before the due date"
+    )
+    send_at = forms.DateTimeField(
+        required=False,
+        label="Date and time",
+        help_text="In the school's time zone.",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+        input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"],
+    )
+
+    def __init__(self, *args: Any, slip: Slip, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.slip = slip
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if cleaned.get("when") == self.DAYS_BEFORE:
+            days = cleaned.get("days_before")
+            if days is None:
+                self.add_error("days_before", "How many days before the due date?")
+            elif self.slip.due_at is None:
+                raise ValidationError("Reminders need a due date.")
+            else:
+                cleaned["at"] = self.slip.due_at - dt.timedelta(days=days)
+        elif cleaned.get("when") == self.AT:
+            at = cleaned.get("send_at")
+            if at is None:
+                self.add_error("send_at", "When should it go?")
+            else:
+                # Typed in the school's time zone, whatever the server's.
+                zone = zoneinfo.ZoneInfo(self.slip.school.time_zone)
+                cleaned["at"] = at.replace(tzinfo=None).replace(tzinfo=zone)
         return cleaned

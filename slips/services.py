@@ -90,6 +90,55 @@ def message_unschedule(*, message: Message) -> Message:
     return message
 
 
+# Statuses of a slip that may still get a reminder: it is going out, or has gone out.
+REMINDABLE = (SendStatus.SCHEDULED, SendStatus.SENDING, SendStatus.SENT, SendStatus.PAUSED)
+
+
+def slip_reminder_add(*, slip: Slip, send_at: dt.datetime) -> ReminderRound:
+    """One more reminder round of ``slip`` at ``send_at``, numbered after every earlier round.
+
+    It goes, like every round, to the families of students with no answer when it falls due,
+    after the school's quiet hours; a round due after the slip's due date is not sent.
+    """
+    now = timezone.now()
+    if slip.status not in REMINDABLE:
+        raise ValidationError(
+            f"A {slip.get_status_display().lower()} slip gets no reminders: schedule it first."
+        )
+    if slip.due_at is None:
+        raise ValidationError("Reminders need a due date.")
+    if send_at < now - PAST_TOLERANCE:
+        raise ValidationError(f"{send_at:%Y-%m-%d %H:%M} is in the past.")
+    if send_at >= slip.due_at:
+        raise ValidationError(
+            f"The slip is due {slip.due_at:%Y-%m-%d %H:%M}: a reminder must come before that."
+        )
+    if slip.send_at and send_at <= slip.send_at:
+        raise ValidationError("A reminder must come after the slip is sent.")
+    with transaction.atomic():
+        # The slip row serialises numbering: two staff adding at once get two numbers.
+        Slip.objects.select_for_update().filter(pk=slip.pk).first()
+        last = (
+            ReminderRound.objects.filter(slip=slip)
+            .order_by("-number")
+            .values_list("number", flat=True)
+            .first()
+            or 0
+        )
+        return ReminderRound.objects.create(
+            school_id=slip.school_id, slip=slip, number=last + 1, send_at=max(send_at, now)
+        )
+
+
+def reminder_cancel(*, reminder: ReminderRound) -> bool:
+    """scheduled -> cancelled. A round already sending is the slip's to pause or cancel."""
+    return bool(
+        ReminderRound.objects.filter(pk=reminder.pk, status=ReminderRound.Status.SCHEDULED).update(
+            status=ReminderRound.Status.CANCELLED
+        )
+    )
+
+
 def slip_reminders_set(*, slip: Slip, days_before_due: list[int]) -> list[ReminderRound]:
     """Replace the slip's future reminder rounds, e.g. ``[3, 1]`` days before the due date.
 

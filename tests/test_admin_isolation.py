@@ -24,6 +24,7 @@ from django.contrib.auth import get_user_model
 from django.db import models
 from django.test import Client
 from django.urls import reverse
+from django.urls.converters import IntConverter
 from django.utils import timezone
 
 from edsmart.admin_tenancy import TenantAdmin
@@ -561,16 +562,20 @@ def test_staff_without_membership_sees_nothing(world) -> None:
         assert client.get(_url(model, "changelist")).status_code == 403, model
 
 
-def _object_urls() -> list[tuple[type[models.Model], str, tuple[str, ...]]]:
+def _object_urls() -> list[tuple[type[models.Model], str, dict[str, object]]]:
     """Every named admin URL that takes an object id, including each admin's own extra views
-    (transitions, a slip's answers, export and phone-answer form): (model, url name, other
-    path arguments)."""
+    (transitions, a slip's answers, export and phone-answer form, reminders): (model, url
+    name, a value for each other path argument: 1 for a number, else "cancel")."""
     found = []
     for model, model_admin in TENANT:
         for pattern in model_admin.get_urls():
             converters = getattr(pattern.pattern, "converters", {})
             if pattern.name and "object_id" in converters:
-                others = tuple(name for name in converters if name != "object_id")
+                others = {
+                    name: 1 if isinstance(converter, IntConverter) else "cancel"
+                    for name, converter in converters.items()
+                    if name != "object_id"
+                }
                 found.append((model, pattern.name, others))
     return found
 
@@ -585,6 +590,9 @@ def test_object_urls_include_the_extra_views() -> None:
         "slips_slip_answers",
         "slips_slip_answers_export",
         "slips_slip_answer_record",
+        "slips_slip_reminders",
+        "slips_slip_remind_now",
+        "slips_slip_reminder_cancel",
     } <= names
 
 
@@ -598,7 +606,7 @@ def test_every_object_url_answers_404_for_another_schools_id(
     id is a 404 (or a 405 before the object is even looked up), never a page or a change."""
     before = {m: _snapshot(obj) for m, obj in world["other"].rows.items()}
     responses_before = Response.objects.filter(school=world["other"].school).count()
-    kwargs = {"object_id": world["other"].rows[model].pk, **dict.fromkeys(others, "cancel")}
+    kwargs = {"object_id": world["other"].rows[model].pk, **others}
     url = reverse(f"admin:{name}", kwargs=kwargs)
     student = world["other"].rows[Student].pk
     got = {

@@ -93,6 +93,7 @@ ACTIONS: dict[tuple[type[models.Model], str], frozenset[str]] = {
     **{(Slip, name): EVERY for name in ("schedule", "unschedule", "pause", "resume", "cancel")},
     (Slip, "delete_selected"): ADMIN,
     (Slip, "export_responses_csv"): EVERY,
+    (Slip, "remind_now"): EVERY,
     **{
         (Broadcast, name): EVERY for name in ("schedule", "unschedule", "pause", "resume", "cancel")
     },
