@@ -10,6 +10,7 @@ dispatcher, cannot both win.
 from __future__ import annotations
 
 import datetime as dt
+import zoneinfo
 from typing import TypeVar
 
 from django.core.exceptions import ValidationError
@@ -90,8 +91,9 @@ def message_unschedule(*, message: Message) -> Message:
     return message
 
 
-# Statuses of a slip that may still get a reminder: it is going out, or has gone out.
-REMINDABLE = (SendStatus.SCHEDULED, SendStatus.SENDING, SendStatus.SENT, SendStatus.PAUSED)
+# Statuses of a slip that may get a reminder: it is going out, or has gone out. Not a paused
+# one: staff paused it to stop mail, and a reminder is mail.
+REMINDABLE = (SendStatus.SCHEDULED, SendStatus.SENDING, SendStatus.SENT)
 
 
 def slip_reminder_add(*, slip: Slip, send_at: dt.datetime) -> ReminderRound:
@@ -102,16 +104,22 @@ def slip_reminder_add(*, slip: Slip, send_at: dt.datetime) -> ReminderRound:
     """
     now = timezone.now()
     if slip.status not in REMINDABLE:
+        hint = ": schedule it first" if slip.status == SendStatus.DRAFT else ""
         raise ValidationError(
-            f"A {slip.get_status_display().lower()} slip gets no reminders: schedule it first."
+            f"A {slip.get_status_display().lower()} slip gets no reminders{hint}."
         )
     if slip.due_at is None:
         raise ValidationError("Reminders need a due date.")
+
+    def local(moment: dt.datetime) -> str:  # staff read times in their school's zone
+        zone = zoneinfo.ZoneInfo(slip.school.time_zone)
+        return f"{timezone.localtime(moment, zone):%Y-%m-%d %H:%M %Z}"
+
     if send_at < now - PAST_TOLERANCE:
-        raise ValidationError(f"{send_at:%Y-%m-%d %H:%M} is in the past.")
+        raise ValidationError(f"{local(send_at)} is in the past.")
     if send_at >= slip.due_at:
         raise ValidationError(
-            f"The slip is due {slip.due_at:%Y-%m-%d %H:%M}: a reminder must come before that."
+            f"The slip is due {local(slip.due_at)}: a reminder must come before that."
         )
     if slip.send_at and send_at <= slip.send_at:
         raise ValidationError("A reminder must come after the slip is sent.")

@@ -103,7 +103,12 @@ def test_a_reminder_after_the_due_date_or_of_a_draft_is_refused(school):
     assert "a reminder must come before that" in page.content.decode()
     draft = factories.make_slip(school=school, due_at=timezone.now() + dt.timedelta(days=3))
     page = client.post(_url(draft, "remind_now"), follow=True)
-    assert any("draft slip gets no reminders" in m for m in _messages(page))
+    assert any("draft slip gets no reminders: schedule it first" in m for m in _messages(page))
+    # Paused by staff to stop mail: a reminder is mail.
+    type(slip).objects.filter(pk=slip.pk).update(status=SendStatus.PAUSED)
+    page = client.post(_url(slip, "remind_now"), follow=True)
+    assert any("paused slip gets no reminders." in m for m in _messages(page))
+    assert "A paused slip gets no reminders." in client.get(_url(slip)).content.decode()
     assert not ReminderRound.objects.exists()
 
 
