@@ -150,6 +150,7 @@ class SlipAnswersAdminMixin:
             "opts": self.opts,
             "original": slip,
             "title": f"Answers: {slip}",
+            "page_name": "Answers",
             "time_zone": slip.school.time_zone,
             "unanswered": selectors.unanswered_contacts(unanswered[:LIST_LIMIT]),
             "unanswered_total": unanswered.count(),

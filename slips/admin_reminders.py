@@ -174,6 +174,7 @@ class SlipRemindersAdminMixin:
             "opts": self.opts,
             "original": slip,
             "title": f"Reminders: {slip}",
+            "page_name": "Reminders",
             "time_zone": slip.school.time_zone,
             "rows": rows,
             "form": form,

@@ -96,6 +96,18 @@ def message_unschedule(*, message: Message) -> Message:
 REMINDABLE = (SendStatus.SCHEDULED, SendStatus.SENDING, SendStatus.SENT)
 
 
+def _last_round_number(slip: Slip) -> int:
+    """The highest round number the slip has used (0 for none). Call with the slip row locked,
+    so that two callers never take the same next number."""
+    return (
+        ReminderRound.objects.filter(slip=slip)
+        .order_by("-number")
+        .values_list("number", flat=True)
+        .first()
+        or 0
+    )
+
+
 def slip_reminder_add(*, slip: Slip, send_at: dt.datetime) -> ReminderRound:
     """One more reminder round of ``slip`` at ``send_at``, numbered after every earlier round.
 
@@ -126,13 +138,7 @@ def slip_reminder_add(*, slip: Slip, send_at: dt.datetime) -> ReminderRound:
     with transaction.atomic():
         # The slip row serialises numbering: two staff adding at once get two numbers.
         Slip.objects.select_for_update().filter(pk=slip.pk).first()
-        last = (
-            ReminderRound.objects.filter(slip=slip)
-            .order_by("-number")
-            .values_list("number", flat=True)
-            .first()
-            or 0
-        )
+        last = _last_round_number(slip)
         return ReminderRound.objects.create(
             school_id=slip.school_id, slip=slip, number=last + 1, send_at=max(send_at, now)
         )
@@ -165,13 +171,7 @@ def slip_reminders_set(*, slip: Slip, days_before_due: list[int]) -> list[Remind
     with transaction.atomic():
         Slip.objects.select_for_update().filter(pk=slip.pk).first()
         ReminderRound.objects.filter(slip=slip, status=ReminderRound.Status.SCHEDULED).delete()
-        last = (
-            ReminderRound.objects.filter(slip=slip)
-            .order_by("-number")
-            .values_list("number", flat=True)
-            .first()
-            or 0
-        )
+        last = _last_round_number(slip)
         return [
             ReminderRound.objects.create(
                 school_id=slip.school_id, slip=slip, number=last + i, send_at=at
