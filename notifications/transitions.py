@@ -581,6 +581,10 @@ def _after_record(claimed: Claimed, result: SendResult, to: str, ok: bool) -> st
         # Coming from ``unknown``, the mailing may have completed meanwhile; reopen it so
         # the retry is claimed and the mailing completes again after it.
         mailings_reopen(mailing_ids=[claimed.mailing_id])
+    elif to == S.FAILED:
+        # Coming from ``unknown``, the mailing may have closed and been summarised with this
+        # row as unknown: count it from its rows again until the sweep summarises it anew.
+        summaries.mailings_unsummarise([claimed.mailing_id])
     elif to == S.UNKNOWN:
         log.error(
             "delivery %s outcome unknown: %s",

@@ -35,6 +35,7 @@ from notifications import (
     sweep,
     transitions,
 )
+from notifications.mailer import Outcome, SendResult
 from notifications.models import (
     Alert,
     Delivery,
@@ -171,6 +172,32 @@ def test_a_summary_waits_for_a_move_that_holds_its_mailing(school, smtp, redis_c
     summary = MailingSummary.objects.get(mailing=mailing)
     assert (summary.sent, summary.unknown, summary.accepted) == (2, 0, 2)
     assert summaries.status_totals()[1] == 2
+
+
+def test_a_late_failure_of_an_unknown_updates_a_summarised_mailing(school, smtp, redis_client):
+    """A definite refusal can still arrive for a row the sweeper turned unknown, after its
+    mailing closed and was summarised: the summary must follow the row."""
+    mailing = sent_mailing(school, families=2)
+    row = Delivery.objects.filter(mailing=mailing).first()
+    Delivery.objects.filter(pk=row.pk).update(status=S.UNKNOWN, accepted=0, sent_at=None)
+    sweep.sweep()
+    assert MailingSummary.objects.get(mailing=mailing).unknown == 1
+    row.refresh_from_db()
+    claimed = transitions.Claimed(
+        id=row.pk,
+        attempt=row.attempt,
+        tries=row.tries,
+        mailing_id=mailing.pk,
+        email=row.email,
+        recipient_name=row.recipient_name,
+        student_ids=row.student_ids,
+    )
+    refused = SendResult(outcome=Outcome.FAILED, detail="550 no such user")
+    assert transitions.delivery_record(claimed=claimed, result=refused) == S.FAILED
+    assert not Mailing.objects.get(pk=mailing.pk).summarised
+    sweep.sweep()
+    summary = MailingSummary.objects.get(mailing=mailing)
+    assert (summary.sent, summary.failed, summary.unknown) == (1, 1, 0)
 
 
 def test_a_resend_reopens_a_summarised_mailing(school, smtp, redis_client):
