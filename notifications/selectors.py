@@ -230,11 +230,6 @@ def failure_rate(*, since: dt.datetime) -> FailureRate:
     return FailureRate(failed=failed, sent=sent)
 
 
-def accepted_sends() -> int:
-    """Accepted sends ever recorded, archived mailings included: only ever grows."""
-    return summaries.status_totals()[1]
-
-
 def duplicate_sends() -> list[dict]:
     """(mailing, address) pairs with more than one accepted send. Must always be empty.
 
