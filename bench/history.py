@@ -125,7 +125,7 @@ from bench.soak import (  # noqa: E402
 )
 
 SERVER_URL = "postgres://postgres@127.0.0.1:5432"
-BUILD_VERSION = 2  # bump when the generator changes: a kept build of another version is rebuilt
+BUILD_VERSION = 3  # bump when the generator changes: a kept build of another version is rebuilt
 MARKER_TABLE = "bench_history_build"
 METRICS_TOKEN = "history-bench-metrics-token"
 
@@ -522,37 +522,40 @@ DELIVERIES_SQL = """
 # The rows that have events, found in one scan; then their events, in time order.
 EVENT_ROWS_SQL = """
     CREATE TEMP TABLE hist_event_rows AS
-    SELECT id, status, attempt, provider_id, last_error, updated_at, sent_at
+    SELECT id, school_id, mailing_id, status, attempt, provider_id, last_error, updated_at,
+           sent_at
     FROM notifications_delivery
     WHERE status IN ('failed', 'cancelled', 'unknown')
        OR (status = 'sent' AND (attempt = 2 OR provider_id = ''))
 """
 
 EVENTS_SQL = """
-    INSERT INTO notifications_deliveryevent (delivery_id, attempt, from_status, to_status,
-                                             detail, actor, at)
+    INSERT INTO notifications_deliveryevent (delivery_id, school_id, mailing_id, attempt,
+                                             from_status, to_status, detail, actor, at)
     SELECT * FROM (
-        SELECT id, 1, 'submitting', 'failed', last_error, '', updated_at
+        SELECT id, school_id, mailing_id, 1, 'submitting', 'failed', last_error, '', updated_at
         FROM hist_event_rows WHERE status = 'failed'
         UNION ALL
-        SELECT id, 0, 'pending', 'cancelled', 'message cancelled', 'history-staff', updated_at
+        SELECT id, school_id, mailing_id, 0, 'pending', 'cancelled', 'message cancelled',
+               'history-staff', updated_at
         FROM hist_event_rows WHERE status = 'cancelled'
         UNION ALL
-        SELECT id, 1, 'submitting', 'unknown', last_error, '', updated_at
+        SELECT id, school_id, mailing_id, 1, 'submitting', 'unknown', last_error, '', updated_at
         FROM hist_event_rows WHERE status = 'unknown'
         UNION ALL
-        SELECT id, 1, 'submitting', 'retry_wait', '451 4.7.1 try again later', '',
-               sent_at - interval '90 seconds'
+        SELECT id, school_id, mailing_id, 1, 'submitting', 'retry_wait',
+               '451 4.7.1 try again later', '', sent_at - interval '90 seconds'
         FROM hist_event_rows WHERE status = 'sent' AND attempt = 2
         UNION ALL
-        SELECT id, 1, 'submitting', 'unknown', 'no reply before the submit lease expired', '',
-               sent_at + interval '70 seconds'
+        SELECT id, school_id, mailing_id, 1, 'submitting', 'unknown',
+               'no reply before the submit lease expired', '', sent_at + interval '70 seconds'
         FROM hist_event_rows WHERE status = 'sent' AND provider_id = ''
         UNION ALL
-        SELECT id, 1, 'unknown', 'sent', 'resolved as sent: the parent has it', 'history-root',
-               updated_at
+        SELECT id, school_id, mailing_id, 1, 'unknown', 'sent',
+               'resolved as sent: the parent has it', 'history-root', updated_at
         FROM hist_event_rows WHERE status = 'sent' AND provider_id = ''
-    ) AS e (delivery_id, attempt, from_status, to_status, detail, actor, at)
+    ) AS e (delivery_id, school_id, mailing_id, attempt, from_status, to_status, detail,
+            actor, at)
     ORDER BY at, delivery_id
 """
 
@@ -804,6 +807,8 @@ class Spec:
     label: str
     bound_ms: float | None = None  # on the full database
     ratio_bound: float | None = None  # full / empty
+    # A page of one message of the big school, which the empty database does not have.
+    full_only: bool = False
 
 
 SPECS = (
@@ -818,6 +823,14 @@ SPECS = (
     Spec("root_mailings", "superuser: admin mailings list"),
     Spec("root_responses", "superuser: admin responses list"),
     Spec("staff_search", f"staff: deliveries ?q={SEARCHED}"),
+    # Polled every 2.5 s by each staff member's open home page while something sends.
+    Spec("staff_home", "staff: home status.json", bound_ms=100),
+    Spec("root_home", "superuser: home status.json (all schools)", bound_ms=200),
+    Spec("staff_index", "staff: admin home page", bound_ms=200),
+    Spec("staff_slip", "staff: newest slip's page (reach, log)", bound_ms=300, full_only=True),
+    Spec("staff_evidence", "staff: evidence page of a mailing", bound_ms=200, full_only=True),
+    Spec("evidence_csv", "evidence CSV of that mailing", bound_ms=300, full_only=True),
+    Spec("provider_match", "a provider event matched by provider id", bound_ms=100),
     Spec("send", "new 200-family broadcast, due -> recorded", ratio_bound=SEND_RATIO_BOUND),
 )
 
@@ -832,7 +845,8 @@ class Timing:
     def show(self) -> str:
         if self.error is not None:
             return "ERROR"
-        assert self.median_ms is not None
+        if self.median_ms is None:
+            return "-"
         return f"{self.median_ms:.1f}" + ("" if self.runs >= 2 else f" (n={self.runs})")
 
 
@@ -905,7 +919,51 @@ def in_process_items() -> dict[str, Callable[[], object]]:
         items[f"staff_{name}"] = page(staff, url)
         items[f"root_{name}"] = page(root, url)
     items["staff_search"] = page(staff, f"/admin/notifications/delivery/?q={SEARCHED}")
+    items["staff_home"] = page(staff, "/admin/home/status.json")
+    items["root_home"] = page(root, "/admin/home/status.json")
+    items["staff_index"] = page(staff, "/admin/")
+    items["provider_match"] = provider_match
+    slip, mailing = newest_slip_and_mailing()
+    if slip is not None:
+        items["staff_slip"] = page(staff, f"/admin/slips/slip/{slip}/change/")
+    if mailing is not None:
+        evidence = f"/admin/notifications/mailing/{mailing}/evidence"
+        items["staff_evidence"] = page(staff, f"{evidence}/")
+        items["evidence_csv"] = streamed(staff, f"{evidence}.csv")
     return items
+
+
+def newest_slip_and_mailing() -> tuple[int | None, int | None]:
+    """The big school's newest slip, and its newest mailing (none on the empty database)."""
+    from notifications.models import Mailing
+    from slips.models import Slip
+
+    slip = Slip.objects.filter(school_id=BIG_SCHOOL).order_by("-pk").values_list("pk", flat=True)
+    mailing = Mailing.objects.filter(school_id=BIG_SCHOOL).order_by("-pk")
+    return slip.first(), mailing.values_list("pk", flat=True).first()
+
+
+def streamed(client: Any, url: str) -> Callable[[], int]:
+    def get() -> int:
+        response = client.get(url, secure=True)
+        if response.status_code != 200:
+            raise PageError(f"GET {url} answered {response.status_code}")
+        return sum(len(chunk) for chunk in response.streaming_content)
+
+    return get
+
+
+def provider_match() -> object:
+    """A bounce reported by the provider's own message id (Postmark's, say): no Message-ID
+    and no metadata, so it is found through the last 45 days' mailings and the address."""
+    from anymail.signals import AnymailTrackingEvent
+
+    from notifications.provider_events import delivery_match
+
+    event = AnymailTrackingEvent(
+        event_type="bounced", message_id="provider-id-not-in-history", recipient=SEARCHED
+    )
+    return delivery_match(event)
 
 
 def forget_alerts_and_heartbeats() -> None:
@@ -1081,7 +1139,9 @@ def measure_database(name: str, opts: Options, stack: Stack) -> dict[str, Timing
     import redis as redis_lib
 
     redis_lib.Redis.from_url(stack.redis.url).flushall()
-    results: dict[str, Timing] = {}
+    results: dict[str, Timing] = {
+        spec.key: Timing(note="the full database only") for spec in SPECS if spec.full_only
+    }
     for key, fn in in_process_items().items():
         results[key] = timing = measure(fn, opts.reps, opts.budget)
         if key == "staff_search" and timing.error is None:
@@ -1137,9 +1197,11 @@ def verdict(spec: Spec, empty: Timing, full: Timing) -> tuple[str, str, bool]:
         bound = f"<= {spec.ratio_bound:g} x empty"
     else:
         bound = "report only"
-    if empty.error is not None or full.error is not None:
+    if (not spec.full_only and empty.error is not None) or full.error is not None:
         return bound, "ERROR", True
-    assert empty.median_ms is not None and full.median_ms is not None
+    if full.median_ms is None or (empty.median_ms is None and not spec.full_only):
+        return bound, "ERROR (not measured)", True
+    assert full.median_ms is not None
     if spec.bound_ms is not None:
         met = full.median_ms <= spec.bound_ms
     elif spec.ratio_bound is not None:

@@ -1,8 +1,9 @@
 """A minimal SMTP sink for benchmarks: accepts everything, counts messages, keeps nothing.
 
 Run as ``python bench/smtp_sink.py PORT [--no-pipelining] [--record FILE]``; it prints
-``ready``, then on SIGTERM ``messages M bytes B`` (the messages' size as sent, so that a
-benchmark can show its contenders sent emails of a size) and, last, ``accepted N`` (recipients).
+``ready``, then on SIGTERM ``messages M bytes B received R`` (the messages' size as sent, so
+that a benchmark can show its contenders sent emails of a size, and every byte clients sent,
+commands included: bench/capacity.py's bytes per email) and, last, ``accepted N`` (recipients).
 It offers PIPELINING (RFC 2920) as Postfix and the big providers do, unless told not to. With
 ``--record FILE`` (bench/soak.py) it also appends one line per accepted recipient, written out
 as the 250 goes back: the acceptance time (Unix seconds), the message's ``X-EdSmart-Delivery``
@@ -33,6 +34,7 @@ class SinkProtocol(asyncio.Protocol):
     accepted = 0
     messages = 0
     message_bytes = 0  # DATA content as sent (dot-stuffed), without the terminating "."
+    received_bytes = 0  # everything clients sent: commands, envelopes and message content
     ehlo = b"250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
     record: BinaryIO | None = None  # --record: one line per accepted recipient
 
@@ -45,6 +47,7 @@ class SinkProtocol(asyncio.Protocol):
         transport.write(b"220 sink ESMTP\r\n")
 
     def data_received(self, data: bytes) -> None:
+        SinkProtocol.received_bytes += len(data)
         self.buffer += data
         while True:
             if self.in_data:
@@ -119,7 +122,10 @@ async def serve(port: int) -> None:
     server.close()
     if SinkProtocol.record is not None:
         SinkProtocol.record.close()
-    print(f"messages {SinkProtocol.messages} bytes {SinkProtocol.message_bytes}")
+    print(
+        f"messages {SinkProtocol.messages} bytes {SinkProtocol.message_bytes} "
+        f"received {SinkProtocol.received_bytes}"
+    )
     print(f"accepted {SinkProtocol.accepted}", flush=True)
 
 

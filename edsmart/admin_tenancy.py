@@ -241,11 +241,14 @@ def csv_response(*, filename: str, header: Sequence[str], rows: Iterable[Sequenc
     writer = csv.writer(response)
     writer.writerow(header)
     for row in rows:
-        # A leading =, +, - or @ makes a spreadsheet run the cell as a formula.
-        writer.writerow(
-            [f"'{v}" if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v for v in row]
-        )
+        writer.writerow(csv_safe(row))
     return response
+
+
+def csv_safe(row: Iterable[object]) -> list[object]:
+    """The row with every text cell a spreadsheet would run as a formula (a leading =, +, -
+    or @) quoted as text: staff open these files, and cells hold parents' and providers' text."""
+    return [f"'{v}" if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v for v in row]
 
 
 class TenantAdmin(admin.ModelAdmin):

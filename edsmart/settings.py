@@ -36,7 +36,7 @@ if not DEBUG and not ALLOWED_HOSTS:
     raise ConfigError("ALLOWED_HOSTS must be set when DEBUG is off")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "edsmart.apps.EdSmartAdminConfig",  # Django's admin, with EdSmart's site (the home page)
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -87,13 +87,24 @@ DATABASES = {
 DATABASES["default"]["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", default=60, minimum=0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # Server-side prepared statements for the send pipeline's per-email statements (Django's own
-# queries bind client-side and are unaffected). Turn off behind a transaction-mode pooler.
+# queries bind client-side and are unaffected). Turn off behind a transaction-mode pooler
+# (PgBouncer before 1.21): a statement prepared on one server connection is unknown on the next.
+# Off means none anywhere: psycopg's own default (prepare after 5 runs) would still prepare the
+# pipeline's server-binding cursor, so the threshold becomes None (never), and
+# notifications/transitions.py reads DB_PREPARED_STATEMENTS for its explicit ``prepare=``.
+# DB_TRANSACTION_POOLER: DATABASE_URL is a transaction-mode pooler (PgBouncer). Then nothing may
+# live in a session across transactions: no prepared statements (unless DB_PREPARED_STATEMENTS=1
+# says the pooler tracks them: PgBouncer 1.21+ with max_prepared_statements), and no Django
+# server-side cursors, whose WITH HOLD cursor outside a transaction outlives it.
+DB_TRANSACTION_POOLER = env_bool("DB_TRANSACTION_POOLER", default=False)
+DB_PREPARED_STATEMENTS = env_bool("DB_PREPARED_STATEMENTS", default=not DB_TRANSACTION_POOLER)
+DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = DB_TRANSACTION_POOLER
 _db_options = DATABASES["default"]["OPTIONS"]
-if env_bool("DB_PREPARED_STATEMENTS", default=True):
+if DB_PREPARED_STATEMENTS:
     # A URL's query string gives text; psycopg needs a number.
     _db_options["prepare_threshold"] = int(_db_options.get("prepare_threshold", 5))
 else:
-    _db_options.pop("prepare_threshold", None)
+    _db_options["prepare_threshold"] = None
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", default="redis://127.0.0.1:6379/0")
@@ -182,6 +193,10 @@ EDSMART_LINK_EXPIRY_DAYS = env_int("EDSMART_LINK_EXPIRY_DAYS", default=60, minim
 # off renders every email in full, for ruling the stencil out when something looks wrong.
 EDSMART_EMAIL_STENCILS = env_bool("EDSMART_EMAIL_STENCILS", default=True)
 EDSMART_MAX_BODY_BYTES = env_int("EDSMART_MAX_BODY_BYTES", default=100 * 1024, minimum=1)
+# Roster upload in the admin (docs/roster-import.md): a larger file is refused before anything is
+# stored; a confirmed file of more rows than EDSMART_ROSTER_INLINE_ROWS imports in a task.
+EDSMART_ROSTER_MAX_BYTES = env_int("EDSMART_ROSTER_MAX_BYTES", default=5 * 1024 * 1024, minimum=1)
+EDSMART_ROSTER_INLINE_ROWS = env_int("EDSMART_ROSTER_INLINE_ROWS", default=2000, minimum=0)
 # Peak hour (notifications/ratelimit.py, notifications/fairshare.py): one send rate for every
 # worker on every host, emails per second, 0 = no cap (set it to the provider's quota). After a
 # throttling reply the rate halves and climbs back to the cap over the recovery time.
@@ -217,6 +232,7 @@ CELERY_TASK_DEFAULT_QUEUE = "periodic"
 CELERY_TASK_ROUTES = {
     "notifications.tasks.send_batch": {"queue": "send"},
     "notifications.tasks.*": {"queue": "periodic"},
+    "slips.tasks.*": {"queue": "periodic"},
 }
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
@@ -286,8 +302,8 @@ CELERY_BEAT_SCHEDULE["heartbeat"] = {
 }
 ANYMAIL = {
     "MAILGUN_WEBHOOK_SIGNING_KEY": env_str("MAILGUN_WEBHOOK_SIGNING_KEY", default=""),
-    # Basic auth for the webhook, "user:password"; required when DEBUG is off (the webhook
-    # answers 404 and logs an error without it).
+    # Basic auth for the webhooks, "user:password"; Mailgun's requires it when DEBUG is off,
+    # Postmark's (unsigned) always: without it they answer 404 and log an error.
     "WEBHOOK_SECRET": env_str("ANYMAIL_WEBHOOK_SECRET", default=""),
 }
 

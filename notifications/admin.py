@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
-from django.db.models import QuerySet
+from django.db.models import F, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -31,7 +31,13 @@ from edsmart.admin_tenancy import (
     restrict,
     user_memberships,
 )
-from notifications import controls, selectors, summaries
+from notifications import (
+    admin_bounces,  # noqa: F401 - registers the bounce log
+    controls,
+    selectors,
+    summaries,
+)
+from notifications.admin_evidence import MailingEvidenceAdminMixin, evidence_url
 from notifications.models import (
     Delivery,
     DeliveryEvent,
@@ -39,6 +45,7 @@ from notifications.models import (
     Mailing,
     SendingSwitch,
 )
+from notifications.wording import delivery_words, mailing_words
 from slips.models import Broadcast, Slip, normalize_email
 
 # A whole address (``someone@example.org``): searched exactly, not as a substring.
@@ -83,6 +90,9 @@ def render_delivery_counts(source: Slip | Broadcast) -> SafeString:
             ],
             "total": sum(n for _, _, n in counts),
             "all_url": delivery_changelist_url(source),
+            # Reported by the mail provider after sending (each delivery once).
+            "provider": selectors.source_provider_counts(source),
+            "bounce_log_url": reverse("admin:notifications_providerevent_changelist"),
         },
     )
 
@@ -160,12 +170,14 @@ def _count_column(attr: str, label: str) -> Callable[[MailingAdmin, Mailing], in
 
 
 @admin.register(Mailing)
-class MailingAdmin(MessageHandleAdminMixin, _OperateMixin, ReadOnlyTenantAdmin):
+class MailingAdmin(
+    MailingEvidenceAdminMixin, MessageHandleAdminMixin, _OperateMixin, ReadOnlyTenantAdmin
+):
     list_display = (
         "message_handle",
         "kind",
         "subject",
-        "status",
+        "status_words",
         "recipient_count",
         *(attr for attr, _, _ in COUNT_COLUMNS),
         "created_at",
@@ -205,11 +217,16 @@ class MailingAdmin(MessageHandleAdminMixin, _OperateMixin, ReadOnlyTenantAdmin):
         columns = self.columns_of(obj)
         counts = ", ".join(f"{label}: {columns[attr]}" for attr, label, _ in COUNT_COLUMNS)
         return format_html(
-            '{} — <a href="{}?{}">see every delivery</a>',
+            '{} — <a href="{}?{}">see every delivery</a> · <a href="{}">evidence per recipient</a>',
             counts,
             url,
             urlencode({"mailing__id__exact": obj.pk}),
+            reverse("admin:notifications_mailing_evidence", args=[obj.pk]),
         )
+
+    @admin.display(description="status", ordering="status")
+    def status_words(self, obj: Mailing) -> str:
+        return mailing_words(obj.status)
 
     @admin.action(description="Pause selected mailings", permissions=["operate"])
     def pause_mailings(self, request: HttpRequest, queryset: QuerySet[Mailing]) -> None:
@@ -238,7 +255,7 @@ class DeliveryAdmin(_OperateMixin, ReadOnlyTenantAdmin):
         "email",
         "recipient_name",
         "mailing",
-        "status",
+        "status_words",
         "tries",
         "short_error",
         "sent_at",
@@ -258,19 +275,36 @@ class DeliveryAdmin(_OperateMixin, ReadOnlyTenantAdmin):
     ordering = ("-id",)
     inlines = (DeliveryEventInline,)
     actions = ["mark_unknown_sent", "mark_unknown_failed", "resend_unknown"]
+    readonly_fields = ("evidence_link",)
+
+    @admin.display(description="evidence")
+    def evidence_link(self, obj: Delivery) -> str:
+        return format_html(
+            '<a href="{}">every try, reply and provider report for this address</a>',
+            evidence_url(obj),
+        )
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Delivery], search_term: str
     ) -> tuple[QuerySet[Delivery], bool]:
-        """A whole address finds that parent's deliveries exactly, through the one-per-mailing
-        unique index probed once per mailing of the user's schools; anything else searches
-        names and addresses by substring, as Django does."""
+        """A whole address finds that parent's deliveries exactly, through the unique
+        (school, mailing, address) index probed once per mailing of the user's schools (the
+        join on the mailing's school is what lets each probe use the whole key); anything
+        else searches names and addresses by substring, as Django does."""
         term = search_term.strip()
         if _ADDRESS.fullmatch(term):
             mailings = restrict(Mailing.objects.all(), request).values("pk")
-            found = queryset.filter(email_normalized=normalize_email(term), mailing__in=mailings)
+            found = queryset.filter(
+                email_normalized=normalize_email(term),
+                mailing__in=mailings,
+                school_id=F("mailing__school_id"),
+            )
             return found, False
         return super().get_search_results(request, queryset, search_term)
+
+    @admin.display(description="status", ordering="status")
+    def status_words(self, obj: Delivery) -> str:
+        return delivery_words(obj.status)
 
     @admin.display(description="last error")
     def short_error(self, obj: Delivery) -> str:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Iterable
 from typing import TypeVar
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
@@ -25,7 +26,15 @@ from django.utils import timezone
 
 from notifications import nudges, summaries, transitions
 from notifications.models import Delivery, DeliveryStatus, Mailing, SendingSwitch
-from slips.models import Broadcast, ReminderRound, Response, School, SendStatus, Slip
+from slips.models import (
+    Broadcast,
+    Guardian,
+    ReminderRound,
+    Response,
+    School,
+    SendStatus,
+    Slip,
+)
 from slips.responses import answers_recorded
 
 log = logging.getLogger("edsmart.pipeline")
@@ -285,3 +294,98 @@ def unknowns_resolve(*, delivery_ids: Iterable[int], resolution: str, actor: str
         for mailing_id in touched_mailings:
             transaction.on_commit(lambda m=mailing_id: nudges.enqueue_batches(m, 1))
     return moved
+
+
+# --- the provider's word on an ``unknown`` ------------------------------------------------------
+
+PROVIDER_ACTOR = "provider event"
+
+
+class ProviderVerdict:
+    """What a provider's event says about a send (``provider_events`` maps events to these)."""
+
+    DELIVERED = "delivered"  # accepted, and handed to the recipient's server
+    BOUNCED = "bounced"  # accepted, then bounced (hard or soft)
+    REJECTED = "rejected"  # refused by the provider before it accepted anything
+    CHOICES = (DELIVERED, BOUNCED, REJECTED)
+
+
+def unknown_settle_by_provider(*, delivery_id: int, verdict: str, detail: str) -> str | None:
+    """The provider's event settles an ``unknown`` delivery; the status it moved to, or None
+    when the row is not ``unknown`` (any more): events change no other row's status.
+
+    - delivered: the provider accepted it: ``sent``, ``accepted + 1`` (the acceptance we never
+      heard the reply to).
+    - bounced: the provider accepted it and the recipient's server then refused it: ``failed``
+      with the provider's reason. ``accepted`` is not bumped: it counts our acceptances for
+      the duplicate check, and a bounced send reached nobody, so a later resend by a person is
+      not a duplicate of anything a parent saw.
+    - rejected: the provider refused it before accepting (its own suppression list, a policy):
+      nothing went out, so the normal retry rules apply: ``retry_wait`` with the usual backoff
+      while tries remain and the address is not suppressed (the webhook suppresses first when
+      the rejection is for a bounce or complaint), else ``failed``. The mailing may have
+      completed meanwhile: it is reopened and nudged, as a person's resend does.
+
+    Conditional like ``unknowns_resolve``: fenced by status and the attempt read here, with
+    its event (actor ``provider event``) in the same statement, and the mailing held and
+    unsummarised in the same transaction. Runs inside the caller's transaction when there is
+    one (the webhook records the event in the same one), so a redelivered event that turns out
+    to be a duplicate rolls the move back with it.
+    """
+    if verdict not in ProviderVerdict.CHOICES:
+        raise ValueError(f"verdict must be one of {ProviderVerdict.CHOICES}, got {verdict!r}")
+    with transaction.atomic():
+        # By the primary key alone (see ``transitions``: a status test here could lead the
+        # planner to the partial index on unknown rows); the move itself tests the status.
+        row = (
+            Delivery.objects.filter(pk=delivery_id)
+            .values("status", "mailing_id", "attempt", "tries", "school_id", "email_normalized")
+            .first()
+        )
+        if row is None or row["status"] != S.UNKNOWN:
+            return None
+        mailing_id = row["mailing_id"]
+        params: dict = {}
+        if verdict == ProviderVerdict.DELIVERED:
+            to = S.SENT
+            sets = "sent_at = statement_timestamp(), accepted = d.accepted + 1, last_error = ''"
+        elif verdict == ProviderVerdict.BOUNCED:
+            to = S.FAILED
+            sets = "last_error = %(detail)s"
+        else:
+            suppressed = Guardian.objects.filter(
+                school_id=row["school_id"],
+                email_normalized=row["email_normalized"],
+                suppressed_at__isnull=False,
+            ).exists()
+            if row["tries"] < settings.EDSMART_MAX_ATTEMPTS and not suppressed:
+                to = S.RETRY_WAIT
+                sets = (
+                    "next_attempt_at = statement_timestamp() + make_interval(secs => %(delay)s), "
+                    "lease_until = NULL, last_error = %(detail)s"
+                )
+                params = {"delay": transitions.retry_delay_seconds(row["tries"])}
+            else:
+                to = S.FAILED
+                why = "address suppressed" if suppressed else f"{row['tries']} tries used"
+                detail = f"{detail} ({why})"
+                sets = "last_error = %(detail)s"
+        summaries.mailing_hold(mailing_id)
+        done = transitions.delivery_move(
+            delivery_id=delivery_id,
+            attempt=row["attempt"],
+            from_statuses=[S.UNKNOWN],
+            to=to,
+            detail=detail,
+            actor=PROVIDER_ACTOR,
+            sets=sets,
+            params=params,
+        )
+        if not done:
+            return None
+        summaries.mailings_unsummarise([mailing_id])
+        if to == S.RETRY_WAIT:
+            transitions.mailings_reopen(mailing_ids=[mailing_id])
+            transaction.on_commit(lambda: nudges.enqueue_batches(mailing_id, 1))
+    transitions.log_transition(delivery_id, mailing_id, to, actor=PROVIDER_ACTOR)
+    return to

@@ -2,7 +2,7 @@
 
 Safe to run twice at once (two beat schedulers): the conditional UPDATE on the source row
 lets exactly one transaction win; the loser updates zero rows and moves on. The fan-out's
-unique (mailing, address) constraint makes a repeated fan-out add nothing. Batches are
+unique (school, mailing, address) constraint makes a repeated fan-out add nothing. Batches are
 nudged on commit; the sweeper is what guarantees they run.
 """
 

@@ -384,6 +384,12 @@ def _send_generic(backend: object, message: EmailMultiAlternatives) -> SendResul
     An HTTP API call is all-or-nothing from our side, so only errors that prove the request
     was not accepted are retried or failed; everything else is unknown.
     """
+    delivery_id = (getattr(message, "extra_headers", None) or {}).get("X-EdSmart-Delivery")
+    if delivery_id:
+        # anymail sends this to the provider, which echoes it in every tracking event of the
+        # message: ``provider_events`` finds the delivery by it. Other backends ignore it.
+        metadata = getattr(message, "metadata", None) or {}
+        message.metadata = {**metadata, "edsmart_delivery": str(delivery_id)}  # type: ignore[attr-defined]
     try:
         sent = backend.send_messages([message])  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - classified below, erring towards unknown

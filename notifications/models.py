@@ -18,6 +18,7 @@ pending --claim--> claimed --start--> submitting --250--> sent
                       |--error before the send (counted as a try)--> retry_wait | failed
                       |--lease expired EDSMART_MAX_LOST_CLAIMS times--> failed
 unknown --late confirmation / resolve--> sent | failed | pending (resend)
+unknown --the provider's event (delivered / bounced / rejected)--> sent | failed | retry_wait
 pending/claimed/retry_wait --cancel--> cancelled
 (fan-out of a suppressed address) --> skipped
 ```
@@ -94,6 +95,9 @@ class Mailing(models.Model):
                 | (Q(kind__in=["slip", "reminder"], slip__isnull=False, broadcast__isnull=True)),
                 name="mailing_kind_matches_source",
             ),
+            # The target of the deliveries' composite foreign key (school_id, mailing_id):
+            # what ties a delivery's school to its mailing's (docs/scaling.md).
+            models.UniqueConstraint(fields=["school", "id"], name="mailing_school_id_key"),
         ]
 
     def __str__(self) -> str:
@@ -131,7 +135,7 @@ TERMINAL_STATUSES = frozenset(
 
 
 class Delivery(models.Model):
-    # No index of its own: (mailing, email_normalized) and (mailing, status) both lead with it,
+    # No index of its own: (mailing, status) leads with it (the unique guard leads with the school),
     # and every index costs an insert on each of the three updates a delivery goes through.
     mailing = models.ForeignKey(
         Mailing, on_delete=models.CASCADE, related_name="deliveries", db_index=False
@@ -184,9 +188,15 @@ class Delivery(models.Model):
         verbose_name_plural = "deliveries"
         ordering = ["id"]
         constraints = [
+            # The fan-out's exactly-once guard: one row per (mailing, address). It leads with
+            # the school, as a database sharded by school requires of every unique key
+            # (docs/scaling.md); the composite foreign key (school_id, mailing_id) -> mailing
+            # (school_id, id) added by migration 0012 makes a row's school its mailing's, so
+            # this is exactly as strict as (mailing, address) alone.
             models.UniqueConstraint(
-                fields=["mailing", "email_normalized"], name="delivery_one_per_mailing_address"
-            )
+                fields=["school", "mailing", "email_normalized"],
+                name="delivery_one_per_school_mailing_address",
+            ),
         ]
         indexes = [
             models.Index(fields=["mailing", "status"]),
@@ -217,6 +227,7 @@ class Delivery(models.Model):
             models.Index(fields=["school"], condition=Q(status="unknown"), name="delivery_unknown"),
             # A school's deliveries newest first (the admin's list), in place of the plain
             # school index: the same one insert per row version, and no sort of 100,000 rows.
+            # Not unique (migration 0012 says why).
             models.Index(fields=["school", "id"], name="delivery_school_id_order"),
         ]
 
@@ -242,6 +253,17 @@ class DeliveryEvent(models.Model):
     """
 
     delivery = models.ForeignKey(Delivery, on_delete=models.CASCADE, related_name="events")
+    # The delivery's school and mailing, copied by the move that writes the event. Nothing
+    # reads them yet: they are what a database sharded by school needs on every row and what
+    # history partitioned by mailing needs (docs/scaling.md), cheap to fill now and a rewrite
+    # of billions of rows later. Null only for events written before migration 0011 finished
+    # its backfill (the next release makes them NOT NULL once no older code writes events).
+    school = models.ForeignKey(
+        School, on_delete=models.CASCADE, null=True, related_name="+", db_index=False
+    )
+    mailing = models.ForeignKey(
+        Mailing, on_delete=models.CASCADE, null=True, related_name="+", db_index=False
+    )
     attempt = models.PositiveIntegerField()
     from_status = models.CharField(max_length=16, choices=DeliveryStatus.choices)
     to_status = models.CharField(max_length=16, choices=DeliveryStatus.choices)
@@ -259,6 +281,85 @@ class DeliveryEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.from_status} → {self.to_status} (attempt {self.attempt})"
+
+
+class ProviderEvent(models.Model):
+    """What the mail provider said about a delivery after accepting or refusing it.
+
+    Written by ``notifications.provider_events`` from anymail's normalized tracking signal
+    (every provider anymail supports): deliveries, deferrals, bounces, complaints and the
+    provider's own rejections. Opens and clicks are not stored. ``delivery`` is null when the
+    event matched none of ours (or its recipient disagreed with the row it named); ``school``
+    follows the delivery, for the tenant wall of the bounce log.
+
+    A provider's event id (or, for providers without one, a digest of the event) is unique
+    per provider, so a redelivered event is recorded, and acts, once.
+    """
+
+    class Kind(models.TextChoices):
+        DELIVERED = "delivered", "Delivered"
+        DEFERRED = "deferred", "Deferred"
+        SOFT_BOUNCE = "soft_bounce", "Soft bounce"
+        HARD_BOUNCE = "hard_bounce", "Hard bounce"
+        COMPLAINT = "complaint", "Complaint"
+        REJECTED = "rejected", "Rejected"
+
+    # Indexed as (delivery, kind) below: a delivery's events, and the reach's bounce counts.
+    delivery = models.ForeignKey(
+        Delivery,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="provider_events",
+        db_index=False,
+    )
+    # Indexed by the bounce log's partial index below (the only per-school read).
+    school = models.ForeignKey(
+        School,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="provider_events",
+        db_index=False,
+    )
+    esp = models.CharField(max_length=50)
+    event_type = models.CharField(max_length=32)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    reason = models.TextField(blank=True)
+    email = models.CharField(max_length=254, blank=True)
+    provider_message_id = models.CharField(max_length=250, blank=True)
+    event_id = models.CharField(max_length=250, blank=True)
+    occurred_at = models.DateTimeField(null=True, blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+    outcome = models.CharField(max_length=100, blank=True)
+
+    BOUNCE_LOG_KINDS = ("hard_bounce", "soft_bounce", "complaint")
+    BOUNCED_KINDS = ("hard_bounce", "soft_bounce")
+
+    class Meta:
+        # Staff know the admin list of these as the school's bounce log (``admin_bounces``).
+        verbose_name = "bounce log entry"
+        verbose_name_plural = "bounce log"
+        ordering = ["-received_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["esp", "event_id"],
+                condition=~Q(event_id=""),
+                name="providerevent_one_per_esp_event",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["delivery", "kind"], name="providerevent_delivery_kind"),
+            # A school's bounce log, newest first, without reading its deliveries' events.
+            models.Index(
+                fields=["school", "-received_at", "-id"],
+                condition=Q(kind__in=["hard_bounce", "soft_bounce", "complaint"]),
+                name="providerevent_bounce_log",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} for {self.email or '?'} ({self.esp})"
 
 
 class MailingSummary(models.Model):

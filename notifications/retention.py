@@ -3,10 +3,11 @@
 ``EDSMART_DELIVERY_RETENTION_DAYS`` (default 400) after a mailing was summarised (closed with
 no open row), its final counts are written to its ``MailingSummary`` (``archived_at``), then
 its events and deliveries are deleted in small batches (``rows_removed_at`` once none is
-left). The mailing row, its summary and the slip's Responses (who answered) stay.
+left), each batch with its rows' provider events (bounces and the like, so the bounce log
+forgets them too). The mailing row, its summary and the slip's Responses (who answered) stay.
 
 Why archive-and-delete and not monthly partitions: the fan-out's exactly-once guard is the
-unique index on (mailing, email_normalized), and on a partitioned table every unique index
+unique index on (school, mailing, email_normalized), and on a partitioned table every unique index
 must include the partition key, so the guard would hold within a month only (a mailing fanned
 out across midnight at a month's end, or a resend, could get a second row in the next month).
 A partition is also dropped by when its rows were created, not by whether their mailing can
@@ -31,7 +32,7 @@ from django.db import OperationalError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from notifications.models import Delivery, DeliveryEvent, Mailing, MailingSummary
+from notifications.models import Delivery, DeliveryEvent, Mailing, MailingSummary, ProviderEvent
 
 log = logging.getLogger("edsmart.retention")
 
@@ -39,6 +40,7 @@ D = Delivery._meta.db_table
 E = DeliveryEvent._meta.db_table
 M = Mailing._meta.db_table
 MS = MailingSummary._meta.db_table
+PE = ProviderEvent._meta.db_table
 
 BATCH_ROWS = 2000
 MAILINGS_PER_PASS = 200
@@ -76,6 +78,8 @@ REMOVE_SQL = f"""
         SELECT id FROM {D} WHERE mailing_id = %(mailing_id)s LIMIT %(limit)s
     ), events AS (
         DELETE FROM {E} e USING batch WHERE e.delivery_id = batch.id
+    ), provider_events AS (
+        DELETE FROM {PE} p USING batch WHERE p.delivery_id = batch.id
     )
     DELETE FROM {D} d USING batch WHERE d.id = batch.id
 """  # noqa: S608 - table names come from model _meta; values are parameters

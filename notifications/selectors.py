@@ -30,6 +30,7 @@ from notifications.models import (
     DeliveryStatus,
     Mailing,
     MailingSummary,
+    ProviderEvent,
     SendingSwitch,
 )
 from slips.models import Broadcast, School, Slip
@@ -281,12 +282,28 @@ def source_counts(source: Slip | Broadcast) -> dict[str, int]:
     return summaries.counts_sum(summaries.mailings_counts(ids).values())
 
 
+def source_provider_counts(source: Slip | Broadcast) -> dict[str, int]:
+    """Deliveries of a slip or broadcast the provider reported as bounced (hard or soft) and
+    complained about, each delivery once. Read through the source's mailings' deliveries and
+    the provider events' (delivery, kind) index; events go with their rows at retention, so an
+    archived mailing's bounces are no longer counted."""
+    mailing_ids = mailings_of(source).values("pk")
+    events = ProviderEvent.objects.filter(
+        delivery__mailing_id__in=mailing_ids, school_id=source.school_id
+    ).order_by()
+    bounced = events.filter(kind__in=ProviderEvent.BOUNCED_KINDS).values("delivery_id").distinct()
+    complaints = events.filter(kind=ProviderEvent.Kind.COMPLAINT).values("delivery_id").distinct()
+    return {"bounced": bounced.count(), "complaints": complaints.count()}
+
+
 @dataclass(frozen=True)
 class BroadcastReach:
     sent: int
     failed: int
     unknown: int
     opened: int
+    bounced: int = 0
+    complaints: int = 0
 
 
 def broadcast_reach(*, broadcast: Broadcast) -> BroadcastReach:
@@ -308,11 +325,14 @@ def broadcast_reach(*, broadcast: Broadcast) -> BroadcastReach:
         .exclude(mailing_id__in=archived.values("mailing_id"))
         .count()
     )
+    provider = source_provider_counts(broadcast)
     return BroadcastReach(
         sent=counts[S.SENT],
         failed=counts[S.FAILED],
         unknown=counts[S.UNKNOWN],
         opened=opened + (archived.aggregate(n=Sum("opened"))["n"] or 0),
+        bounced=provider["bounced"],
+        complaints=provider["complaints"],
     )
 
 

@@ -19,6 +19,11 @@ urlpatterns = [
         webhooks.mailgun_tracking,
         name="mailgun_tracking_webhook",
     ),
+    path(
+        "webhooks/anymail/postmark/tracking/",
+        webhooks.postmark_tracking,
+        name="postmark_tracking_webhook",
+    ),
     path("ops/", ops_views.ops_page, name="ops"),
     path("ops/sending/", ops_views.ops_sending, name="ops_sending"),
 ]

@@ -1,4 +1,16 @@
-"""Bounces and complaints from the mail provider: suppress the address everywhere.
+"""The mail provider's tracking events: suppress bounced and complaining addresses everywhere,
+and record each event on its delivery (``provider_events``, which also settles ``unknown``
+deliveries by the provider's word).
+
+Two endpoints, both anymail views feeding anymail's normalized ``tracking`` signal (so what
+happens after the view is the same for every provider): Mailgun's, below, and Postmark's
+(``/webhooks/anymail/postmark/tracking/``, at the end of this module). Postmark signs nothing,
+so its endpoint does not exist (404, and an error logged) until basic auth
+(``ANYMAIL["WEBHOOK_SECRET"]``) is configured, whatever DEBUG says; a request without the right
+credentials is a 400, and so is a body that is not a JSON object of Postmark's shape (a field
+anymail looks up that is not a string, Metadata that is not an object, an implausible address,
+a date that does not parse, an inbound event). Postmark retries anything but a 200; each event
+is recorded once (``provider_events``), and suppression is idempotent.
 
 Mailgun's tracking webhook (through django-anymail) is wired at
 ``/webhooks/anymail/mailgun/tracking/``. Mailgun signs only a timestamp and a random token
@@ -40,7 +52,14 @@ permanent failure (reason ``suppress-bounce``), which suppresses it here.
 A guardian row belongs to one school, but an address is one mailbox: a hard bounce or a
 complaint means nobody should mail it again, so every guardian with that normalized address,
 in every school, is suppressed. The fan-out then records them as ``skipped`` with the reason.
-Staff reactivate an address by clearing ``suppressed_at`` on the guardian.
+Staff reactivate an address by clearing ``suppressed_at`` on the guardian, or a school admin
+for their school from its bounce log (``admin_bounces``). Only permanent bounces suppress:
+Mailgun's temporary failures (anymail: deferred), its permanent failures for reasons other than
+a bounce, and Postmark's soft bounces (which anymail reports with the same reject reason as a
+hard one; the raw ``Type`` tells them apart) do not.
+
+After suppression, ``on_tracking`` records the event (``provider_events.event_record``): an
+error there is raised like any other, so the view answers 500 and the provider retries.
 """
 
 from __future__ import annotations
@@ -60,6 +79,7 @@ from anymail.signals import AnymailTrackingEvent, EventType, RejectReason, track
 from anymail.utils import get_anymail_setting
 from anymail.webhooks.base import AnymailBasicAuthMixin
 from anymail.webhooks.mailgun import MailgunTrackingWebhookView
+from anymail.webhooks.postmark import PostmarkTrackingWebhookView
 from django.conf import settings
 from django.dispatch import receiver
 from django.http import Http404, HttpRequest, HttpResponse
@@ -68,6 +88,7 @@ from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
 from edsmart.redis_client import redis_client
+from notifications import provider_events
 from slips.models import Guardian, normalize_email
 
 log = logging.getLogger("edsmart.webhooks")
@@ -83,7 +104,11 @@ def suppression_reason(event: AnymailTrackingEvent) -> str | None:
     kind = event.event_type
     if kind == EventType.COMPLAINED:
         return "complaint (marked as spam)"
-    if kind == EventType.BOUNCED and event.reject_reason in HARD_BOUNCE_REASONS:
+    if (
+        kind == EventType.BOUNCED
+        and event.reject_reason in HARD_BOUNCE_REASONS
+        and not provider_events.is_soft_bounce(event)
+    ):
         return f"hard bounce: {event.description or event.mta_response or event.reject_reason}"
     if kind == EventType.REJECTED and event.reject_reason in REJECT_REASONS:
         return f"rejected by provider: {event.description or event.reject_reason}"
@@ -104,17 +129,20 @@ def guardians_suppress(*, email: str, reason: str) -> int:
 def on_tracking(
     sender: object, event: AnymailTrackingEvent, esp_name: str, **kwargs: object
 ) -> None:
+    """Suppress the address if the event says so, then record the event on its delivery
+    (which may settle an ``unknown`` one). Either failing raises: the view answers 500 and the
+    provider retries; the suppression is idempotent and the recording happens once."""
     reason = suppression_reason(event)
-    if reason is None or not event.recipient:
-        return
-    reason = _storable(f"{reason} ({esp_name}, {timezone.now():%Y-%m-%d})")
-    count = guardians_suppress(email=event.recipient, reason=reason)
-    log.warning(
-        "suppressed %s guardian(s) after %s",
-        count,
-        event.event_type,
-        extra={"event_type": event.event_type, "provider_message_id": event.message_id},
-    )
+    if reason is not None and event.recipient:
+        reason = _storable(f"{reason} ({esp_name}, {timezone.now():%Y-%m-%d})")
+        count = guardians_suppress(email=event.recipient, reason=reason)
+        log.warning(
+            "suppressed %s guardian(s) after %s",
+            count,
+            event.event_type,
+            extra={"event_type": event.event_type, "provider_message_id": event.message_id},
+        )
+    provider_events.event_record(event=event, esp_name=esp_name)
 
 
 def _storable(text: str) -> str:
@@ -311,3 +339,81 @@ def mailgun_tracking(request: HttpRequest) -> HttpResponse:
         )
         raise Http404("webhook not configured")
     return _mailgun_view(request)
+
+
+# --- The Postmark endpoint: configured with basic auth, well formed -----------------------------
+
+
+def _refuse_postmark(message: str) -> AnymailWebhookValidationFailure:
+    return AnymailWebhookValidationFailure(f"Postmark webhook refused: {message}")
+
+
+# Fields anymail's parser looks up in its tables or parses: strings (or absent) only.
+_POSTMARK_TEXT_FIELDS = (
+    "RecordType",
+    "Type",
+    "SuppressionReason",
+    "MessageID",
+    "DeliveredAt",
+    "BouncedAt",
+    "ReceivedAt",
+    "ChangedAt",
+)
+
+
+class GuardedPostmarkTrackingView(PostmarkTrackingWebhookView):
+    """Anymail's Postmark tracking view behind basic auth, refusing malformed bodies with 400.
+
+    Postmark signs nothing: the basic auth credentials in the URL configured at Postmark are
+    the only proof that a request comes from Postmark, so the endpoint does not exist without
+    them (``postmark_tracking``). Postmark retries a request that is not answered 200, so a
+    redelivered event is expected: ``provider_events`` records each once.
+    """
+
+    def post(self, request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
+        AnymailBasicAuthMixin.validate_request(self, request)
+        if request.content_type != "application/json":
+            raise _refuse_postmark("not a JSON body")
+        try:
+            payload = json.loads(request.body.decode("utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise _refuse_postmark("body is not valid UTF-8 JSON") from err
+        if not isinstance(payload, dict):
+            raise _refuse_postmark("body is not a JSON object")
+        self.run_validators(request)
+        event = self._event(payload)
+        self.signal.send(sender=self.__class__, event=event, esp_name=self.esp_name)
+        return HttpResponse()
+
+    def _event(self, payload: dict[str, Any]) -> AnymailTrackingEvent:
+        for field in _POSTMARK_TEXT_FIELDS:
+            if payload.get(field) is not None and not _clean_text(payload[field]):
+                raise _refuse_postmark(f"{field} is not a string")
+        if payload.get("Metadata") is not None and not isinstance(payload["Metadata"], dict):
+            raise _refuse_postmark("Metadata is not an object")
+        for field in ("Email", "Recipient"):
+            value = payload.get(field)
+            if value is not None and not (_clean_text(value) and len(value) <= MAX_RECIPIENT_CHARS):
+                raise _refuse_postmark(f"{field} is not a plausible address")
+        try:
+            return self.esp_to_anymail_event(payload)
+        except (*_PARSE_ERRORS, AnymailConfigurationError) as err:  # an inbound event, say
+            raise _refuse_postmark("event could not be read") from err
+
+
+_postmark_view = GuardedPostmarkTrackingView.as_view()
+
+
+@csrf_exempt
+def postmark_tracking(request: HttpRequest) -> HttpResponse:
+    """The guarded Postmark tracking view, refused outright (404, and an error logged) until
+    basic auth is configured, whatever DEBUG says: Postmark signs nothing, so without basic
+    auth anyone could report bounces and settle deliveries."""
+    if not _basic_auth_configured():
+        log.error(
+            "Postmark webhook refused (404): basic auth is required; set "
+            "ANYMAIL['WEBHOOK_SECRET'] (env ANYMAIL_WEBHOOK_SECRET) to 'user:password' and put "
+            "it in the webhook URL configured at Postmark"
+        )
+        raise Http404("webhook not configured")
+    return _postmark_view(request)

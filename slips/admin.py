@@ -10,7 +10,8 @@ of responses are shared with the slips' export action, so they live in ``slips.a
 Roles (see ``edsmart.admin_tenancy`` and docs/security.md): only a school's admins change the
 school (its name, sender address, time zone, quiet hours, sending switch) and undo bounce and
 complaint suppressions; admins and office staff keep the people (students, guardians) up to
-date; every member, teachers included, works on groups, audiences, messages and answers.
+date (and import rosters: ``slips.admin_roster``, registered below); every member, teachers
+included, works on groups, audiences, messages and answers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
 
 from edsmart.admin_tenancy import (
     ADMIN_ONLY,
@@ -35,6 +37,7 @@ from notifications import controls
 # Importing it registers the Slip and Broadcast admins (autodiscover imports only this module).
 from slips import admin_messages  # noqa: F401
 from slips.admin_messages import RESPONSE_CSV_FIELDS, response_csv_values
+from slips.admin_roster import RosterImportAdmin
 from slips.audiences import audience_recipient_count
 from slips.models import (
     Audience,
@@ -43,6 +46,7 @@ from slips.models import (
     Membership,
     Response,
     ResponseChange,
+    RosterImport,
     School,
     Slip,
     Student,
@@ -113,6 +117,10 @@ class MembershipAdmin(SuperuserOnlyAdmin):
     raw_id_fields = ("user",)
 
 
+# Upload a roster CSV, see its preview, confirm it (slips.admin_roster).
+admin.site.register(RosterImport, RosterImportAdmin)
+
+
 # --- people and groups ---------------------------------------------------------------------------
 
 
@@ -125,6 +133,13 @@ class StudentAdmin(TenantAdmin):
     readonly_fields = ("guardian_list",)
     actions = ["export_csv"]
     csv_fields = ("id", "first_name", "last_name", "year_level", "external_id", "school__slug")
+    change_list_template = "admin/slips/student/change_list.html"  # adds "Import roster"
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):
+        importer = self.admin_site._registry[RosterImport]
+        url = reverse("admin:slips_rosterimport_add")
+        extra = {"roster_import_url": url if importer.has_add_permission(request) else None}
+        return super().changelist_view(request, {**(extra_context or {}), **extra})
 
     @admin.display(description="guardians")
     def guardian_list(self, obj: Student) -> str:

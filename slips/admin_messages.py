@@ -33,6 +33,7 @@ from notifications.admin import (
 )
 from slips import services
 from slips.admin_answers import BroadcastReachAdminMixin, SlipAnswersAdminMixin
+from slips.admin_preview import MessagePreviewAdminMixin
 from slips.admin_reminders import SlipRemindersAdminMixin
 from slips.audiences import audience_recipient_count
 from slips.forms import SendableAdminForm
@@ -96,7 +97,7 @@ TRANSITIONS: dict[str, Transition] = {
 }
 
 
-class SendableAdmin(MessageHandleAdminMixin, TenantAdmin):
+class SendableAdmin(MessagePreviewAdminMixin, MessageHandleAdminMixin, TenantAdmin):
     """What slip and broadcast pages share: the audience, recipients, timing, transitions and,
     once dispatched, the delivery counts and per-recipient log.
 
@@ -220,6 +221,11 @@ class SendableAdmin(MessageHandleAdminMixin, TenantAdmin):
                     )
                     buttons.append({"name": name, "label": transition.label, "url": url})
         context["transitions"] = buttons
+        if obj is not None and obj.pk is not None:
+            # The email as a family will get it, and a test to oneself (slips.admin_preview).
+            context["preview_url"] = reverse(
+                f"admin:{self.opts.app_label}_{self.opts.model_name}_preview", args=[obj.pk]
+            )
         context["can_schedule_on_save"] = (
             obj is None or obj.status == SendStatus.DRAFT
         ) and self.has_change_permission(request, obj)

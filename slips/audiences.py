@@ -89,3 +89,31 @@ def audience_recipients(audience: Audience) -> list[Recipient]:
 def audience_recipient_count(audience: Audience) -> int:
     """Distinct addresses that would get mail now (suppressed ones excluded)."""
     return sum(1 for r in audience_recipients(audience) if not r.suppressed_reason)
+
+
+def audience_sample_recipient(audience: Audience) -> Recipient | None:
+    """One family of the audience as the fan-out would address it (every child of theirs in
+    the audience named), for a preview: the first guardian by id who receives email and is
+    not suppressed. None when nobody in the audience receives email.
+
+    Two small queries whatever the audience's size: the rest of the audience is not read.
+    """
+    students = audience_students(audience)
+    guardian = (
+        Guardian.objects.filter(
+            school_id=audience.school_id,
+            receives_email=True,
+            suppressed_at__isnull=True,
+            students__in=students.values("pk"),
+        )
+        .exclude(email_normalized="")
+        .order_by("pk")
+        .first()
+    )
+    if guardian is None:
+        return None
+    theirs = students.filter(guardians__email_normalized=guardian.email_normalized).values("pk")
+    for recipient in recipients_for_students(audience.school_id, theirs):
+        if recipient.email_normalized == guardian.email_normalized:
+            return recipient
+    return None

@@ -361,3 +361,64 @@ class ResponseChange(models.Model):
 
     def __str__(self) -> str:
         return f"{'yes' if self.consent else 'no'} at {self.answered_at:%Y-%m-%d %H:%M}"
+
+
+class RosterImport(models.Model):
+    """One roster CSV uploaded in the admin: its preview, then its import.
+
+    The file's text is kept until the import ends so that the confirm step (or the task, for a
+    large file) imports exactly the bytes that were previewed (``sha256`` checks it), and is
+    then emptied: the students and guardians hold the data from there on, and the preview
+    stays as the record of what changed.
+
+    ::
+
+        previewed --confirm--> queued --import commits--> done
+            |                    |----school changed---> previewed (a fresh preview)
+            |                    |----errors now-------> invalid
+            |                    '----crashed----------> failed
+        invalid (the file has errors: nothing can be confirmed)
+
+    There is no "running" row state: the move ``queued -> done`` commits with the import itself
+    (one transaction, the row locked), so a redelivered task finds it done and does nothing,
+    and a worker that dies mid-import leaves it queued for the redelivery. While it runs, the
+    progress is in Redis (``slips.roster_imports``), since nobody else can read the import's
+    uncommitted transaction.
+    """
+
+    class Status(models.TextChoices):
+        PREVIEWED = "previewed", "Previewed, waiting for confirmation"
+        INVALID = "invalid", "Refused: the file has errors"
+        QUEUED = "queued", "Importing"
+        DONE = "done", "Imported"
+        FAILED = "failed", "Failed, nothing imported"
+
+    school = models.ForeignKey(School, on_delete=models.CASCADE, related_name="roster_imports")
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    filename = models.CharField(max_length=255)
+    csv_text = models.TextField(blank=True, editable=False)
+    sha256 = models.CharField(max_length=64, editable=False)
+    status = models.CharField(max_length=16, choices=Status.choices, editable=False)
+    rows = models.PositiveIntegerField(default=0, editable=False)
+    preview = models.JSONField(default=dict, editable=False)
+    errors = models.JSONField(default=list, editable=False)  # [{"line": n, "reason": "..."}]
+    message = models.TextField(blank=True, editable=False)  # why it failed or was re-previewed
+    result = models.JSONField(default=dict, editable=False)
+    progress_done = models.PositiveIntegerField(default=0, editable=False)
+    progress_total = models.PositiveIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    confirmed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    finished_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["school", "-created_at"])]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.filename} ({self.created_at:%Y-%m-%d %H:%M})"
+            if self.created_at
+            else self.filename
+        )

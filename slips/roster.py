@@ -8,26 +8,40 @@ The columns and the matching rules are documented for schools in ``docs/roster-i
 In short: one row per (student, guardian) pair; students are matched by external id, guardians
 by normalized email (so siblings share one guardian); a blank cell never erases stored data.
 
-Reading and checking the file is ``slips.roster_csv``; this module is the public entry and the
-writing. ``RowError`` is re-exported here, where callers import the import's errors from.
+Reading and checking the file is ``slips.roster_csv``, deciding what to write is
+``slips.roster_plan`` (also the admin's preview, ``roster_preview``); this module is the public
+entry and the writing of that plan. ``RowError`` is re-exported here, where callers import
+the import's errors from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from django.db import connection, transaction
 
-from slips.models import Group, Guardian, School, Student
-from slips.roster_csv import GuardianEntry, Parser, RowError, guardian_key
+from slips.models import Group, Guardian, School, Student, normalize_email
+from slips.roster_csv import Parser, RowError
+from slips.roster_plan import GroupLink, GuardianLink, RosterPlan, roster_plan
 
-__all__ = ["RosterError", "RosterResult", "RowError", "roster_import"]
+__all__ = [
+    "RosterChangedError",
+    "RosterError",
+    "RosterPreview",
+    "RosterResult",
+    "RowError",
+    "not_utf8_message",
+    "roster_import",
+    "roster_preview",
+]
 
-# Groups whose membership the roster owns. Custom groups are built by staff in the admin, so an
-# import only ever adds students to them.
-ROSTER_GROUP_KINDS = (Group.Kind.CLASS, Group.Kind.YEAR)
+#: Called as ``progress(done, total)`` while the import writes (guardians, then students),
+#: after each chunk of ``WRITE_CHUNK``.
+Progress = Callable[[int, int], None]
+_Person = TypeVar("_Person", Student, Guardian)
+_T = TypeVar("_T")
 
 
 class RosterError(Exception):
@@ -43,6 +57,31 @@ class RosterError(Exception):
         return "\n".join([head, *(str(e) for e in self.errors)])
 
 
+class RosterChangedError(Exception):
+    """The school's students or guardians changed since the preview: nothing was imported.
+
+    ``plan`` is what the file would do now, to show staff before they confirm again.
+    """
+
+    def __init__(self, plan: RosterPlan) -> None:
+        self.plan = plan
+        super().__init__("the school's students or guardians changed since the preview")
+
+
+@dataclass(frozen=True)
+class RosterPreview:
+    """What importing a file would do now: ``errors`` (then no ``plan``) or the ``plan``."""
+
+    rows: int
+    errors: list[RowError]
+    plan: RosterPlan | None
+
+
+def not_utf8_message(name: str, exc: UnicodeDecodeError) -> str:
+    """The one wording of a file in another encoding, for the command and the admin."""
+    return f"{name} is not UTF-8 text (byte {exc.start}); save it as 'CSV UTF-8'."
+
+
 @dataclass(frozen=True)
 class RosterResult:
     students: int
@@ -54,24 +93,48 @@ class RosterResult:
         return f"Imported {self.students} students, {self.guardians} guardians"
 
 
-def roster_import(*, school: School, file: TextIO) -> RosterResult:
+def roster_preview(*, school: School, file: TextIO) -> RosterPreview:
+    """What importing ``file`` would do to the school now. Reads only."""
+    parser = _parse(school=school, file=file)
+    if parser.errors:
+        return RosterPreview(parser.rows, sorted(parser.errors, key=lambda e: e.line), None)
+    return RosterPreview(parser.rows, [], roster_plan(school=school, parser=parser))
+
+
+def roster_import(
+    *,
+    school: School,
+    file: TextIO,
+    expected: str | None = None,
+    progress: Progress | None = None,
+) -> RosterResult:
     """Import a roster CSV for one school, all of it or nothing.
 
     Raises ``RosterError`` listing every bad row. The school row is locked for the duration so
     two imports for one school run one after the other instead of both creating the same
     guardians (guardian addresses are not unique in the database: families share mailboxes).
+    With ``expected`` (a preview's fingerprint), raises ``RosterChangedError`` instead of
+    importing anything other than what that preview showed.
     """
     with transaction.atomic():
         School.objects.select_for_update().filter(pk=school.pk).exists()
-        groups = {g.name.casefold(): g for g in Group.objects.filter(school=school)}
-        parser = Parser(groups_by_name=groups)
-        parser.parse(file)
+        parser = _parse(school=school, file=file)
         if parser.errors:
             raise RosterError(parser.errors)
-        result = _write(school=school, parser=parser)
+        plan = roster_plan(school=school, parser=parser)
+        if expected is not None and plan.fingerprint() != expected:
+            raise RosterChangedError(plan)
+        result = _write(school=school, plan=plan, progress=progress)
     if result.students_created + result.guardians_created >= ANALYZE_AFTER_ROWS:
         _refresh_planner_statistics()
     return result
+
+
+def _parse(*, school: School, file: TextIO) -> Parser:
+    groups = {g.name.casefold(): g for g in Group.objects.filter(school=school)}
+    parser = Parser(groups_by_name=groups)
+    parser.parse(file)
+    return parser
 
 
 # A school imported and sent to within the minute would otherwise be planned with the old,
@@ -91,128 +154,82 @@ def _refresh_planner_statistics() -> None:
             cur.execute(f'ANALYZE "{table}"')
 
 
-def _write(*, school: School, parser: Parser) -> RosterResult:
-    guardians, guardians_created = _write_guardians(school=school, entries=parser.guardians)
-    existing = {
-        s.external_id: s
-        for s in Student.objects.filter(school=school, external_id__in=list(parser.students))
-    }
+def _write(*, school: School, plan: RosterPlan, progress: Progress | None) -> RosterResult:
+    """Writes the plan, nothing more: every decision was taken in ``roster_plan``.
+
+    New rows and new links go in with one INSERT per chunk: row by row, 20,000 new students
+    took minutes. Changes and removals (few, in a school's routine re-import) go row by row.
+    """
+    total = len(plan.guardians) + len(plan.students)
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, total)
+
+    guardians: dict[tuple[str, ...], Guardian] = {}
+    guardians_created = 0
+    for chunk in _chunks(plan.guardians):
+        new = {g.key: Guardian(school=school, **g.values) for g in chunk if g.stored is None}
+        for guardian in new.values():
+            # bulk_create does not call save(), which normally sets it.
+            guardian.email_normalized = normalize_email(guardian.email) if guardian.email else ""
+        Guardian.objects.bulk_create(new.values())
+        guardians.update(new)
+        guardians_created += len(new)
+        for g in chunk:
+            if g.stored is not None:
+                guardians[g.key] = _update(g.stored, g.changes)
+        advance(len(chunk))
+
     students_created = 0
-    for entry in parser.students.values():
-        student = existing.get(entry.external_id)
-        if student is None:
-            student = Student.objects.create(
-                school=school,
-                external_id=entry.external_id,
-                first_name=entry.first_name,
-                last_name=entry.last_name,
-                year_level=entry.year_level,
-            )
-            students_created += 1
-        else:
-            _update(
-                student,
-                first_name=entry.first_name,
-                last_name=entry.last_name,
-                year_level=entry.year_level or student.year_level,
-            )
-        if entry.groups is not None:
-            _set_roster_groups(student, entry.groups)
-        if entry.guardian_keys:
-            student.guardians.set([guardians[key] for key in entry.guardian_keys])
+    for chunk in _chunks(plan.students):
+        new = {
+            id(s): Student(school=school, external_id=s.entry.external_id, **s.values)
+            for s in chunk
+            if s.stored is None
+        }
+        Student.objects.bulk_create(new.values())
+        students_created += len(new)
+        group_links, guardian_links = [], []
+        for s in chunk:
+            student = new[id(s)] if s.stored is None else _update(s.stored, s.changes)
+            if s.groups_removed:
+                student.groups.remove(*s.groups_removed)
+            if s.guardians_removed:
+                student.guardians.remove(*s.guardians_removed)
+            group_links += [GroupLink(group=g, student=student) for g in s.groups_added]
+            guardian_links += [
+                GuardianLink(guardian=guardians[key], student=student) for key in s.guardians_added
+            ]
+        # ignore_conflicts: a link someone added by hand since the plan is already there.
+        GroupLink.objects.bulk_create(group_links, ignore_conflicts=True)
+        GuardianLink.objects.bulk_create(guardian_links, ignore_conflicts=True)
+        advance(len(chunk))
     return RosterResult(
-        students=len(parser.students),
-        guardians=len(guardians),
+        students=len(plan.students),
+        guardians=len(plan.guardians),
         students_created=students_created,
         guardians_created=guardians_created,
     )
 
 
-def _write_guardians(
-    *, school: School, entries: dict[tuple[str, ...], GuardianEntry]
-) -> tuple[dict[tuple[str, ...], Guardian], int]:
-    """Match every guardian of the file to a stored one, or create it.
-
-    A stored guardian with the same address and name is the same person; otherwise a stored
-    guardian with the same address is taken over (a renamed parent), oldest first, each stored
-    row by at most one file guardian so two parents sharing a mailbox never merge.
-    """
-    emails = {e.email_normalized for e in entries.values() if e.email_normalized}
-    stored_with_email = Guardian.objects.filter(school=school, email_normalized__in=emails)
-    stored_without_email = Guardian.objects.filter(school=school, email_normalized="")
-    candidates: dict[tuple[str, ...], list[Guardian]] = {}
-    by_email: dict[str, list[Guardian]] = {}
-    for g in [*stored_with_email.order_by("pk"), *stored_without_email.order_by("pk")]:
-        candidates.setdefault(guardian_key(g.name, g.email_normalized, g.phone), []).append(g)
-        if g.email_normalized:
-            by_email.setdefault(g.email_normalized, []).append(g)
-
-    claimed: set[int] = set()
-    matched: dict[tuple[str, ...], Guardian] = {}
-
-    def take(pool: Iterable[Guardian]) -> Guardian | None:
-        for g in pool:
-            if g.pk not in claimed:
-                claimed.add(g.pk)
-                return g
-        return None
-
-    for key in entries:
-        found = take(candidates.get(key, []))
-        if found is not None:
-            matched[key] = found
-    for key, entry in entries.items():
-        if key not in matched and entry.email_normalized:
-            found = take(by_email.get(entry.email_normalized, []))
-            if found is not None:
-                matched[key] = found
-
-    created = 0
-    result: dict[tuple[str, ...], Guardian] = {}
-    for key, entry in entries.items():
-        guardian = matched.get(key)
-        if guardian is None:
-            guardian = Guardian.objects.create(
-                school=school,
-                name=entry.name,
-                email=entry.email,
-                phone=entry.phone,
-                receives_email=(
-                    entry.receives_email if entry.receives_email is not None else bool(entry.email)
-                ),
-            )
-            created += 1
-        else:
-            # A blank cell leaves the stored value: an export without phones, or without the
-            # opt-out column, must not erase phones or re-subscribe parents who opted out.
-            _update(
-                guardian,
-                name=entry.name,
-                email=entry.email or guardian.email,
-                phone=entry.phone or guardian.phone,
-                receives_email=(
-                    entry.receives_email
-                    if entry.receives_email is not None
-                    else guardian.receives_email
-                ),
-            )
-        result[key] = guardian
-    return result, created
+WRITE_CHUNK = 500
 
 
-def _update(obj: Student | Guardian, **values: object) -> None:
-    changed = [name for name, value in values.items() if getattr(obj, name) != value]
-    if changed:
-        for name in changed:
-            setattr(obj, name, values[name])
-        if "email" in changed:
-            changed.append("email_normalized")
-        obj.save(update_fields=changed)
+def _chunks(items: list[_T]) -> Iterator[list[_T]]:
+    for start in range(0, len(items), WRITE_CHUNK):
+        yield items[start : start + WRITE_CHUNK]
 
 
-def _set_roster_groups(student: Student, groups: list[Group]) -> None:
-    """Class and year-level memberships become exactly the listed ones; custom ones are added."""
-    wanted = {g.pk for g in groups}
-    stale = student.groups.filter(kind__in=ROSTER_GROUP_KINDS).exclude(pk__in=wanted)
-    student.groups.remove(*stale)
-    student.groups.add(*groups)
+def _update(obj: _Person, changes: dict[str, tuple[object, object]]) -> _Person:
+    if changes:
+        fields = list(changes)
+        for name, (_old, new) in changes.items():
+            setattr(obj, name, new)
+        if "email" in fields:
+            fields.append("email_normalized")
+        obj.save(update_fields=fields)
+    return obj

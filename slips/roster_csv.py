@@ -108,6 +108,7 @@ class Parser:
         self.errors: list[RowError] = []
         self.students: dict[str, StudentEntry] = {}
         self.guardians: dict[tuple[str, ...], GuardianEntry] = {}
+        self.rows = 0  # data rows read, blank lines not counted
 
     def error(self, line: int, reason: str) -> None:
         self.errors.append(RowError(line, reason))
@@ -131,6 +132,7 @@ class Parser:
                     if header is None:
                         return
                     continue
+                self.rows += 1
                 self.parse_row(header, cells, line)
         except csv.Error as exc:
             self.error(reader.line_num, f"the file is not valid CSV ({exc})")

@@ -83,13 +83,9 @@ def _counts(label: str, row: dict[str, int]) -> AnswerCounts:
     return AnswerCounts(label=label, yes=row["yes"], no=row["no"], none=row["none"])
 
 
-def slip_answer_summary(*, slip: Slip) -> AnswerSummary:
-    """Yes / no / no answer in total and per group of the roster's students.
-
-    A student in two groups counts in both groups (and once in the total). Two queries, both
-    aggregated in PostgreSQL: the response is joined on (slip, student) only, so a student's
-    answers to other slips never multiply the rows.
-    """
+def slip_answer_totals(*, slip: Slip) -> AnswerCounts:
+    """Yes / no / no answer over the slip's roster, in one aggregate (the staff home page
+    shows it for each recent slip; ``slip_answer_summary`` adds the groups)."""
     answer = FilteredRelation("responses", condition=Q(responses__slip=slip))
     total = (
         slip_roster(slip=slip)
@@ -100,6 +96,17 @@ def slip_answer_summary(*, slip: Slip) -> AnswerSummary:
             none=Count("pk", filter=Q(answer__isnull=True)),
         )
     )
+    return _counts("All students", total)
+
+
+def slip_answer_summary(*, slip: Slip) -> AnswerSummary:
+    """Yes / no / no answer in total and per group of the roster's students.
+
+    A student in two groups counts in both groups (and once in the total). Two queries, both
+    aggregated in PostgreSQL: the response is joined on (slip, student) only, so a student's
+    answers to other slips never multiply the rows.
+    """
+    total = slip_answer_totals(slip=slip)
     link = Group.students.through
     per_group = (
         link.objects.filter(
@@ -119,7 +126,7 @@ def slip_answer_summary(*, slip: Slip) -> AnswerSummary:
         .order_by("group__kind", "group__name")
     )
     return AnswerSummary(
-        total=_counts("All students", total),
+        total=total,
         groups=[_counts(row["group__name"], row) for row in per_group],
     )
 

@@ -96,6 +96,21 @@ def make_group(*, school: School, name: str | None = None, kind: str = Group.Kin
     return Group.objects.create(school=school, name=name or f"Class {next(_seq)}", kind=kind)
 
 
+def make_roster_groups(*, school: School) -> dict[str, Group]:
+    """The year levels and classes the example rosters name, and a custom group ("Choir")."""
+    return {
+        name: make_group(school=school, name=name, kind=kind)
+        for name, kind in [
+            ("Year 3", Group.Kind.YEAR),
+            ("Year 5", Group.Kind.YEAR),
+            ("3A", Group.Kind.CLASS),
+            ("3B", Group.Kind.CLASS),
+            ("5B", Group.Kind.CLASS),
+            ("Choir", Group.Kind.CUSTOM),
+        ]
+    }
+
+
 def make_audience(
     *,
     school: School,

@@ -28,7 +28,13 @@ from django.urls.converters import IntConverter
 from django.utils import timezone
 
 from edsmart.admin_tenancy import TenantAdmin
-from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Mailing
+from notifications.models import (
+    Delivery,
+    DeliveryEvent,
+    DeliveryStatus,
+    Mailing,
+    ProviderEvent,
+)
 from slips.models import (
     Audience,
     Broadcast,
@@ -37,6 +43,7 @@ from slips.models import (
     Membership,
     Response,
     ResponseChange,
+    RosterImport,
     School,
     Slip,
     Student,
@@ -116,6 +123,24 @@ def _build_side(prefix: str, slug: str, username: str) -> Side:
         to_status=DeliveryStatus.UNKNOWN,
         detail=f"{prefix} timeout",
     )
+    provider_event = ProviderEvent.objects.create(
+        delivery=delivery,
+        school=school,
+        esp="Mailgun",
+        event_type="bounced",
+        kind=ProviderEvent.Kind.HARD_BOUNCE,
+        reason=f"{prefix} no such mailbox",
+        email=guardian.email,
+        event_id=f"{prefix}-event-1",
+        outcome="recorded",
+    )
+    roster_import = RosterImport.objects.create(
+        school=school,
+        filename=f"{prefix}-roster.csv",
+        csv_text=f"student_external_id\n{prefix}-1\n",
+        status=RosterImport.Status.PREVIEWED,
+        preview={"counts": {}, "fingerprint": ""},
+    )
     rows = {
         School: school,
         Student: student,
@@ -128,6 +153,8 @@ def _build_side(prefix: str, slug: str, username: str) -> Side:
         Mailing: mailing,
         Delivery: delivery,
         DeliveryEvent: event,
+        RosterImport: roster_import,
+        ProviderEvent: provider_event,
     }
     return Side(school=school, staff=staff, rows=rows)
 
@@ -145,6 +172,8 @@ OWN_SEARCH = {
     Mailing: "Own Excursion",
     Delivery: "own.p@",
     DeliveryEvent: "own.p@",
+    RosterImport: "Own-roster",
+    ProviderEvent: "own.p@",
 }
 
 
@@ -593,6 +622,9 @@ def test_object_urls_include_the_extra_views() -> None:
         "slips_slip_reminders",
         "slips_slip_remind_now",
         "slips_slip_reminder_cancel",
+        "slips_rosterimport_confirm",
+        "notifications_mailing_evidence",
+        "notifications_mailing_evidence_csv",
     } <= names
 
 

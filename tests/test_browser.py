@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import email
 import re
-from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -21,76 +20,22 @@ from slips.models import Response
 from slips.services import message_schedule
 from slips.views import THANK_YOU
 from tests import factories
+from tests.browser_support import BROWSER_MARKS, WAIT_SECONDS, chromium, live_site
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-WAIT_SECONDS = 20
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, "
-        "/usr/bin/chromedriver): apt-get install chromium chromium-driver",
-    ),
-]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--window-size=412,915",  # a phone-sized window: the page must work there
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(WAIT_SECONDS)
-    try:
+    # A phone-sized window: the parents' page must work there.
+    with chromium(tmp_path / "chromium-profile", size=(412, 915)) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture
 def site(settings, transactional_db):
-    """pytest-django's live server, started after the settings it serves are in place.
-
-    Django's SecurityMiddleware reads SECURE_SSL_REDIRECT once, when the server builds its
-    handler; the session-wide ``live_server`` may already have been built with production's
-    HTTPS redirect, which a plain-HTTP browser cannot follow. So this test starts its own
-    instance of the same helper (transactional database, real threaded WSGI server), once
-    plain HTTP, cookies without the Secure flag and static files without a collectstatic
-    manifest are configured, and points the links in emails at it.
-    """
-    from pytest_django.live_server_helper import LiveServer
-
-    settings.SECURE_SSL_REDIRECT = False
-    settings.SESSION_COOKIE_SECURE = False
-    settings.CSRF_COOKIE_SECURE = False
-    settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "localhost"]
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
-    server = LiveServer("localhost")
-    settings.SITE_URL = server.url
-    try:
+    with live_site(settings) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _link_from_email(raw: bytes) -> str:
@@ -173,3 +118,71 @@ def test_parent_answers_for_two_children_from_the_email_and_admin_shows_it(
     }
     assert consent == {"Ava Nguyen": "True", "Ben Nguyen": "False"}
     assert "Aquarium excursion" in rows["Ava Nguyen"].text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_staff_schedule_a_reminder_then_import_a_roster_after_fixing_its_error(
+    site, redis_client, browser, tmp_path
+):
+    """Staff (a school admin, not ops) in the admin: a slip's Reminders page schedules a round;
+    then the students list's "Import roster" takes a file with an error (shown by its line),
+    the fixed file, its preview and the confirmation."""
+    import datetime as dt
+
+    from selenium.webdriver.common.by import By
+
+    from slips.models import Group, ReminderRound, Student
+
+    school = factories.make_school(slug="browser-roster", name="Hillside Primary")
+    factories.make_family(school=school)
+    slip = factories.make_slip(
+        school=school, title="Zoo excursion", due_at=timezone.now() + dt.timedelta(days=5)
+    )
+    message_schedule(message=slip, send_at=timezone.now() + dt.timedelta(hours=1))
+    Group.objects.create(school=school, name="3A", kind=Group.Kind.CLASS)
+    factories.make_staff(school=school, username="office-admin")
+
+    browser.get(f"{site.url}/admin/login/?next=/admin/slips/slip/{slip.pk}/reminders/")
+    browser.find_element(By.ID, "id_username").send_keys("office-admin")
+    browser.find_element(By.ID, "id_password").send_keys("pw-for-tests-only")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    _wait_for_text(browser, "Schedule a reminder")
+    days = browser.find_element(By.ID, "id_days_before")
+    days.clear()
+    days.send_keys("2")
+    browser.find_element(By.CSS_SELECTOR, "#reminder-form input[type=submit]").click()
+    _wait_for_text(browser, "Reminder 1 scheduled")
+    [reminder] = ReminderRound.objects.filter(slip=slip)
+    slip.refresh_from_db()
+    assert reminder.send_at == slip.due_at - dt.timedelta(days=2)
+
+    header = "student_external_id,student_first_name,student_last_name,groups,guardian_name,"
+    header += "guardian_email"
+    wrong = tmp_path / "roster.csv"
+    wrong.write_text(
+        f"{header}\nB1,Ava,Lee,3A,Kim Lee,kim@example.org\nB2,Ben,Lee,3B,Kim Lee,kim@example.org\n",
+        encoding="utf-8",
+    )
+    browser.get(f"{site.url}/admin/slips/student/")
+    browser.find_element(By.ID, "roster-import-link").click()
+    _wait_for_text(browser, "Roster CSV")
+    browser.find_element(By.ID, "id_file").send_keys(str(wrong))
+    browser.find_element(By.ID, "roster-upload").click()
+    _wait_for_text(browser, "line 3: unknown group '3B'")
+    assert "Nothing will be imported until you fix these." in browser.page_source
+    assert not Student.objects.filter(school=school, external_id__startswith="B").exists()
+
+    fixed = tmp_path / "roster-fixed.csv"
+    fixed.write_text(wrong.read_text().replace(",3B,", ",3A,"), encoding="utf-8")
+    browser.find_element(By.ID, "upload-again").click()
+    _wait_for_text(browser, "Roster CSV")
+    browser.find_element(By.ID, "id_file").send_keys(str(fixed))
+    browser.find_element(By.ID, "roster-upload").click()
+    _wait_for_text(browser, "Students: 2 to add")
+    assert "Kim Lee" in browser.find_element(By.ID, "roster-guardians-added").text
+    browser.find_element(By.CSS_SELECTOR, "#roster-confirm input[type=submit]").click()
+    _wait_for_text(browser, "The roster was imported.")
+
+    imported = Student.objects.filter(school=school, external_id__startswith="B")
+    assert {(s.first_name, s.last_name) for s in imported} == {("Ava", "Lee"), ("Ben", "Lee")}
+    assert {g.name for s in imported for g in s.guardians.all()} == {"Kim Lee"}

@@ -27,7 +27,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from edsmart.admin_tenancy import TenantAdmin
-from notifications.models import Delivery, DeliveryEvent, Mailing
+from notifications.models import Delivery, DeliveryEvent, Mailing, ProviderEvent
 from slips.models import (
     Audience,
     Broadcast,
@@ -35,6 +35,7 @@ from slips.models import (
     Guardian,
     Membership,
     Response,
+    RosterImport,
     School,
     Slip,
     Student,
@@ -77,6 +78,9 @@ POLICY: dict[type[models.Model], Grant] = {
     Mailing: READ,
     Delivery: READ,
     DeliveryEvent: READ,
+    ProviderEvent: READ,  # the bounce log: written by the provider's events
+    # Uploading a roster adds and changes people: who keeps the people imports them.
+    RosterImport: Grant(view=PEOPLE, add=PEOPLE, change=PEOPLE, delete=NOBODY),
 }
 
 ACTIONS: dict[tuple[type[models.Model], str], frozenset[str]] = {
@@ -105,6 +109,8 @@ ACTIONS: dict[tuple[type[models.Model], str], frozenset[str]] = {
     (Delivery, "mark_unknown_sent"): EVERY,
     (Delivery, "mark_unknown_failed"): EVERY,
     (Delivery, "resend_unknown"): EVERY,
+    # Mail goes to a bounced or complaining address again: the school's admins decide.
+    (ProviderEvent, "reactivate_address"): ADMIN,
 }
 
 REGISTRY = sorted(admin.site._registry.items(), key=lambda item: item[0]._meta.label)

@@ -29,17 +29,7 @@ EXAMPLE = "\n".join(
 
 @pytest.fixture
 def groups(school):
-    made = {}
-    for name, kind in [
-        ("Year 3", Group.Kind.YEAR),
-        ("Year 5", Group.Kind.YEAR),
-        ("3A", Group.Kind.CLASS),
-        ("3B", Group.Kind.CLASS),
-        ("5B", Group.Kind.CLASS),
-        ("Choir", Group.Kind.CUSTOM),
-    ]:
-        made[name] = factories.make_group(school=school, name=name, kind=kind)
-    return made
+    return factories.make_roster_groups(school=school)
 
 
 def run(school, text: str):

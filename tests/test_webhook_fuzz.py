@@ -1,4 +1,4 @@
-"""The Mailgun webhook answers 4xx, never 5xx, for any malformed input.
+"""The Mailgun and Postmark webhooks answer 4xx, never 5xx, for any malformed input.
 
 Hypothesis throws arbitrary bytes, arbitrary JSON values, and JSON objects with arbitrary,
 missing and mistyped fields at the real endpoint through Django's test client, with real
@@ -9,6 +9,7 @@ exception in the view would be re-raised by the test client; any 5xx fails the a
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -216,3 +217,84 @@ def test_correctly_signed_odd_timestamps_and_tokens(client, target, data, timest
         token = token.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
     body = signed(data, key=SIGNING_KEY, timestamp=timestamp, token=token)
     client_post(client, json.dumps(body), auth=auth)
+
+
+# --- Postmark: no signature, basic auth always, a JSON object of Postmark's fields ---------------
+
+POSTMARK_URL = "/webhooks/anymail/postmark/tracking/"
+POSTMARK_FIELDS = [
+    "RecordType",
+    "Type",
+    "TypeCode",
+    "ID",
+    "MessageID",
+    "Email",
+    "Recipient",
+    "BouncedAt",
+    "DeliveredAt",
+    "ChangedAt",
+    "Description",
+    "Details",
+    "Metadata",
+    "Tag",
+    "SuppressSending",
+    "SuppressionReason",
+]
+postmark_plausible = {
+    "RecordType": st.sampled_from(
+        ["Bounce", "Delivery", "SpamComplaint", "Open", "Click", "SubscriptionChange", "Nope"]
+    ),
+    "Type": st.sampled_from(["HardBounce", "SoftBounce", "Transient", "Blocked", "Unknown"]),
+    "Email": st.sampled_from(["gone@example.org", " GONE@example.org ", "", "x@y"]),
+    "Recipient": st.sampled_from(["gone@example.org", "x@y"]),
+    "BouncedAt": st.sampled_from(["2019-11-05T16:33:54.9070259Z", "2026-13-45T99:99:99Z", "soon"]),
+    "MessageID": st.sampled_from(
+        ["883953f4-6105-42a2-a16a-77a8eac79483", "<edsmart.delivery.1@x>"]
+    ),
+    "Metadata": st.fixed_dictionaries({}, optional={"edsmart_delivery": json_values}),
+    "ID": st.one_of(st.integers(), odd_text, huge_text),
+    "Description": maybe_huge,
+    "Details": maybe_huge,
+}
+
+
+@st.composite
+def postmark_event(draw) -> dict:
+    data = {}
+    for field in POSTMARK_FIELDS:
+        choice = draw(st.sampled_from(["absent", "plausible", "plausible", "anything"]))
+        if choice == "plausible" and field in postmark_plausible:
+            data[field] = draw(postmark_plausible[field])
+        elif choice != "absent":
+            data[field] = draw(maybe_huge)
+    data.update(draw(st.dictionaries(odd_text, json_values, max_size=3)))
+    return data
+
+
+def postmark_post(client, body: bytes | str, *, auth: bool, content_type="application/json"):
+    headers = {}
+    if auth:
+        headers["HTTP_AUTHORIZATION"] = "Basic " + base64.b64encode(BASIC.encode()).decode()
+    response = client.generic(
+        "POST", POSTMARK_URL, body, content_type=content_type, secure=True, **headers
+    )
+    assert response.status_code < 500, (response.status_code, body[:300])
+    event(f"status {response.status_code}")
+    return response
+
+
+@FUZZ
+@given(
+    body=st.one_of(st.binary(max_size=2000), json_values.map(json.dumps)),
+    auth=st.booleans(),
+    content_type=st.sampled_from(["application/json", "text/plain", ""]),
+)
+def test_postmark_arbitrary_bodies(client, target, body, auth, content_type):
+    postmark_post(client, body, auth=auth, content_type=content_type)
+
+
+@FUZZ
+@given(data=st.one_of(postmark_event(), postmark_event(), json_values))
+def test_postmark_authenticated_events_with_malformed_fields(client, target, data):
+    """Past basic auth: the events that parse go on to suppression, matching and recording."""
+    postmark_post(client, json.dumps(data), auth=True)

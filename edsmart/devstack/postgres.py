@@ -96,8 +96,17 @@ class PrivatePostgres:
     valid, as they do when a real server restarts or fails over to the same address.
     """
 
-    def __init__(self, *, prefix: str = "edsmart-pg-", bin_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        prefix: str = "edsmart-pg-",
+        bin_dir: Path | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.bin_dir = bin_dir or server_bin_dir()
+        # Server settings given with -c after the defaults below (so they win), e.g. a bench's
+        # shared_preload_libraries, or fsync back on to measure durable commits.
+        self.settings = dict(settings or {})
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self.data = self.root / "data"
         self.socket_dir = self.root / "sock"
@@ -164,6 +173,7 @@ class PrivatePostgres:
                 f"-h {LOCALHOST} -p {port} -k {self.socket_dir} "
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             )
+            options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
             code = self._pg(
                 "pg_ctl",
                 *("start", "-w", "-t", str(int(timeout)), "-D", str(self.data)),

@@ -7,7 +7,7 @@ import argparse
 from django.core.management.base import BaseCommand, CommandError
 
 from slips.models import School
-from slips.roster import RosterError, roster_import
+from slips.roster import RosterError, not_utf8_message, roster_import
 
 
 class Command(BaseCommand):
@@ -31,9 +31,7 @@ class Command(BaseCommand):
         except OSError as exc:
             raise CommandError(f"Cannot read {file}: {exc.strerror or exc}") from exc
         except UnicodeDecodeError as exc:
-            raise CommandError(
-                f"{file} is not UTF-8 text (byte {exc.start}); save it as 'CSV UTF-8'."
-            ) from exc
+            raise CommandError(not_utf8_message(file, exc)) from exc
         except RosterError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(str(result))
