@@ -88,6 +88,7 @@ from bench.soak import (  # noqa: E402
     child_env,
     db_forget,
     django_setup,
+    migrate,
     roles_env,
     run_header,
     run_in_workdir,
@@ -290,17 +291,7 @@ def build_template(bench: Bench, recipients: int) -> int:
     """Migrated and seeded once; returns the broadcast's id. Every run copies it."""
     bench.sql(f"CREATE DATABASE {TEMPLATE} OWNER {APP_ROLE}")
     env = roles_env(bench.url(TEMPLATE), bench.redis.url, 1, {})
-    migrate = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
-        env=child_env(env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if migrate.returncode != 0:
-        raise SoakError(f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}")
+    migrate(env)
     django_setup({**env, "LOG_LEVEL": "WARNING"})
     school_id, _ = school_create("capacity", "Capacity School", recipients, last_name="Cap")
     audience = audience_create(school_id, "Everyone", None)

@@ -113,6 +113,7 @@ from bench.soak import (  # noqa: E402
     db,
     db_forget,
     django_setup,
+    migrate,
     recorded_duplicates_sql,
     roles_env,
     run_header,
@@ -457,17 +458,7 @@ def run(opts: Options, workdir: Path, stack: contextlib.ExitStack) -> tuple[list
     env = roles_env(pg.url(DATABASE), redis.url, sink.port, overrides)
     say(None, f"private PostgreSQL on port {pg.port}, Redis on {redis.port}, sink on {sink.port}")
 
-    migrate = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
-        env=child_env(env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if migrate.returncode != 0:
-        raise PeakError(f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}")
+    migrate(env)
     django_setup({**env, "LOG_LEVEL": "WARNING"})  # this process's own logs: quiet
     stack.callback(db_forget)
     urgent_field_check()

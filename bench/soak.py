@@ -672,6 +672,22 @@ def roles_env(
     }
 
 
+def migrate(env: dict[str, str]) -> None:
+    """``manage.py migrate`` against the database ``env`` names, in a child process (this
+    process may not have Django set up yet, or set up for another database)."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SoakError(f"migrate failed:\n{done.stdout}\n{done.stderr}")
+
+
 def child_env(env: dict[str, str]) -> dict[str, str]:
     base = {
         k: v
@@ -728,17 +744,7 @@ def run(opts: Options, workdir: Path, stack: contextlib.ExitStack) -> int:
     env = roles_env(pg.url(DATABASE), redis.url, sink.port, opts.overrides)
     say(None, f"private PostgreSQL on port {pg.port}, Redis on {redis.port}, sink on {sink.port}")
 
-    migrate = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
-        env=child_env(env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if migrate.returncode != 0:
-        raise SoakError(f"migrate failed:\n{migrate.stdout}\n{migrate.stderr}")
+    migrate(env)
     django_setup(env)
     stack.callback(db_forget)
     audiences = seed(opts.schools, opts.families)
