@@ -266,15 +266,16 @@ def unknowns_resolve(*, delivery_ids: Iterable[int], resolution: str, actor: str
     detail = f"resolved by {actor}: {resolution}"
     moved = 0
     touched_mailings: set[int] = set()
-    for delivery_id, mailing_id in Delivery.objects.filter(
+    for delivery_id, mailing_id, school_id in Delivery.objects.filter(
         pk__in=list(delivery_ids), status=S.UNKNOWN
-    ).values_list("pk", "mailing_id"):
+    ).values_list("pk", "mailing_id", "school_id"):
         with transaction.atomic():
             # A closed mailing's summary counted this row as unknown: it is counted from its
             # rows again (until the sweep summarises it anew) in the move's own transaction.
             summaries.mailing_hold(mailing_id)
             done = transitions.delivery_move(
                 delivery_id=delivery_id,
+                school_id=school_id,
                 attempt=None,
                 from_statuses=[S.UNKNOWN],
                 to=to,
@@ -373,6 +374,7 @@ def unknown_settle_by_provider(*, delivery_id: int, verdict: str, detail: str) -
         summaries.mailing_hold(mailing_id)
         done = transitions.delivery_move(
             delivery_id=delivery_id,
+            school_id=row["school_id"],
             attempt=row["attempt"],
             from_statuses=[S.UNKNOWN],
             to=to,

@@ -80,15 +80,19 @@ class Mailing(models.Model):
             models.Index(fields=["-created_at", "-id"], name="mailing_newest"),
         ]
         constraints = [
+            # Dispatch's one mailing per message (and per reminder round), keyed by school
+            # as a database sharded by school requires (migration 0013): exactly as strict
+            # as without it, since a mailing's school is its message's (a composite foreign
+            # key, also 0013).
             models.UniqueConstraint(
-                fields=["slip", "round"],
+                fields=["school", "slip", "round"],
                 condition=Q(slip__isnull=False),
-                name="mailing_one_per_slip_round",
+                name="mailing_one_per_school_slip_round",
             ),
             models.UniqueConstraint(
-                fields=["broadcast"],
+                fields=["school", "broadcast"],
                 condition=Q(broadcast__isnull=False),
-                name="mailing_one_per_broadcast",
+                name="mailing_one_per_school_broadcast",
             ),
             models.CheckConstraint(
                 condition=(Q(kind="broadcast", broadcast__isnull=False, slip__isnull=True))

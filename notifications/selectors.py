@@ -61,20 +61,25 @@ QUIET_HOURS_SQL = """
 """
 
 
-def allowed_sql(mailing_id_sql: str) -> str:
+def allowed_sql(mailing_id_sql: str, school_id_sql: str | None = None) -> str:
     """The condition under which a mailing's deliveries may be claimed or started: the mailing
     is sending, its school is not paused, the global switch is not off, and a reminder is
     outside quiet hours. The claim and the start evaluate it inside their own UPDATE, so a
-    pause takes effect before the next delivery of a batch already in flight."""
+    pause takes effect before the next delivery of a batch already in flight. With
+    ``school_id_sql`` the mailing is also matched by school: the same row (migration 0012's
+    foreign key makes a delivery's school its mailing's), and on a database sharded by school
+    a join within one shard."""
+    same_school = f"AND m.school_id = {school_id_sql}" if school_id_sql else ""
     return f"""
     EXISTS (SELECT 1 FROM {M} m JOIN {SC} s ON s.id = m.school_id
-            WHERE m.id = {mailing_id_sql} AND m.status = 'sending' AND NOT s.sending_paused
+            WHERE m.id = {mailing_id_sql} {same_school}
+              AND m.status = 'sending' AND NOT s.sending_paused
               AND (m.kind <> 'reminder' OR NOT ({QUIET_HOURS_SQL})))
     AND NOT EXISTS (SELECT 1 FROM {SW} w WHERE w.paused)
 """
 
 
-SENDING_ALLOWED_SQL = allowed_sql("d.mailing_id")
+SENDING_ALLOWED_SQL = allowed_sql("d.mailing_id", "d.school_id")
 
 
 def sending_allowed(*, mailing_id: int) -> bool:

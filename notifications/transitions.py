@@ -139,6 +139,10 @@ class Claimed:
     attempt: int
     tries: int
     mailing_id: int
+    # Every per-email statement names the row's school as well as its id: free on one
+    # database, and what routes the statement to one shard on a database sharded by school
+    # (docs/scaling.md, "Citus: the distribution").
+    school_id: int
     email: str
     recipient_name: str
     student_ids: list[int]
@@ -163,8 +167,8 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
             lease_until = statement_timestamp() + make_interval(secs => %(lease)s),
                 updated_at = statement_timestamp()
         FROM picked WHERE d.id = picked.id
-        RETURNING d.id, d.attempt, d.tries, d.mailing_id, d.email, d.recipient_name,
-            d.student_ids, d.throttles
+        RETURNING d.id, d.attempt, d.tries, d.mailing_id, d.school_id, d.email,
+            d.recipient_name, d.student_ids, d.throttles
     """
     params = {
         "limit": limit,
@@ -176,7 +180,7 @@ def deliveries_claim(*, limit: int, mailing_id: int | None = None) -> list[Claim
         rows = cur.fetchall()
     # Django leaves jsonb as text on raw cursors.
     claimed = [
-        Claimed(*row[:6], json.loads(row[6]) if isinstance(row[6], str) else row[6], row[7])
+        Claimed(*row[:7], json.loads(row[7]) if isinstance(row[7], str) else row[7], row[8])
         for row in rows
     ]
     claimed.sort(key=lambda c: c.id)
@@ -257,6 +261,7 @@ def claim_unbuildable(*, claimed: Claimed, detail: str) -> bool:
     a template error). Nothing was sent; trying again would fail the same way."""
     moved = delivery_move(
         delivery_id=claimed.id,
+        school_id=claimed.school_id,
         attempt=claimed.attempt,
         from_statuses=[S.CLAIMED],
         to=S.FAILED,
@@ -291,6 +296,7 @@ def claim_setback(*, claimed: Claimed, detail: str) -> str | None:
         text = f"gave up after {tries} attempts: error before sending: {detail}"
     moved = delivery_move(
         delivery_id=claimed.id,
+        school_id=claimed.school_id,
         attempt=claimed.attempt,
         from_statuses=[S.CLAIMED],
         to=to,
@@ -320,13 +326,15 @@ def _start_part(claimed: Claimed) -> Part:
                 submitted_at = statement_timestamp(),
                 lease_until = statement_timestamp() + make_interval(secs => %(s_lease)s),
                 message_id_header = %(s_mid)s, updated_at = statement_timestamp()
-            WHERE d.id = %(s_id)s AND (d.status = 'claimed') IS TRUE AND d.attempt = %(s_attempt)s
+            WHERE d.id = %(s_id)s AND d.school_id = %(s_school)s
+              AND (d.status = 'claimed') IS TRUE AND d.attempt = %(s_attempt)s
               AND {SENDING_ALLOWED_SQL}
             RETURNING d.id
         )
     """
     params = {
         "s_id": claimed.id,
+        "s_school": claimed.school_id,
         "s_attempt": claimed.attempt,
         "s_lease": settings.EDSMART_SUBMIT_LEASE_SECONDS,
         "s_mid": message_id_for(claimed.id),
@@ -337,6 +345,7 @@ def _start_part(claimed: Claimed) -> Part:
 def _transition_part(
     *,
     delivery_id: int,
+    school_id: int | None = None,
     attempt: int | None,
     from_statuses: Iterable[str],
     to: str,
@@ -345,8 +354,10 @@ def _transition_part(
     sets: str = "",
     params: dict | None = None,
 ) -> Part:
-    """A fenced UPDATE of one row plus its audit event."""
+    """A fenced UPDATE of one row plus its audit event; ``school_id``, when the caller knows
+    it, is named too (the hot path always does)."""
     fence = "AND d.attempt = %(attempt)s" if attempt is not None else ""
+    same_school = "AND school_id = %(school)s" if school_id is not None else ""
     extra_sets = f", {sets}" if sets else ""
     event = _event_sql(
         source="moved",
@@ -357,7 +368,7 @@ def _transition_part(
     )
     sql = f"""
         old AS (
-            SELECT id, status FROM {D} WHERE id = %(id)s FOR UPDATE
+            SELECT id, status FROM {D} WHERE id = %(id)s {same_school} FOR UPDATE
         ), moved AS (
             UPDATE {D} d SET status = %(to)s, updated_at = statement_timestamp(){extra_sets}
             FROM old
@@ -370,6 +381,7 @@ def _transition_part(
     """
     all_params = {
         "id": delivery_id,
+        "school": school_id,
         "attempt": attempt,
         "from": list(from_statuses),
         "to": to,
@@ -400,6 +412,7 @@ def _run(*, transition: Part | None = None, start: Part | None = None) -> tuple[
 def delivery_move(
     *,
     delivery_id: int,
+    school_id: int | None = None,
     attempt: int | None,
     from_statuses: Iterable[str],
     to: str,
@@ -412,6 +425,7 @@ def delivery_move(
     an error before a send). ``sets`` may use ``%(detail)s`` and the keys of ``params``."""
     part = _transition_part(
         delivery_id=delivery_id,
+        school_id=school_id,
         attempt=attempt,
         from_statuses=from_statuses,
         to=to,
@@ -476,17 +490,20 @@ def _accepted_part(claimed: Claimed, result: SendResult) -> Part:
         logged AS (
             UPDATE {D} d SET status = 'sent', updated_at = statement_timestamp(),
                 {_ACCEPTED_SETS}
-            WHERE d.id = %(id)s AND d.attempt = %(attempt)s AND (d.status = 'submitting') IS TRUE
+            WHERE d.id = %(id)s AND d.school_id = %(school)s AND d.attempt = %(attempt)s
+              AND (d.status = 'submitting') IS TRUE
             RETURNING d.id
         )
     """
-    return sql, {"id": claimed.id, "attempt": claimed.attempt, "provider_id": result.provider_id}
+    params = {"id": claimed.id, "school": claimed.school_id, "attempt": claimed.attempt}
+    return sql, {**params, "provider_id": result.provider_id}
 
 
 def _accepted_late_part(claimed: Claimed, result: SendResult) -> Part:
     """unknown -> sent: a late acceptance of the same attempt, with its event."""
     return _transition_part(
         delivery_id=claimed.id,
+        school_id=claimed.school_id,
         attempt=claimed.attempt,
         from_statuses=[S.UNKNOWN],
         to=S.SENT,
@@ -500,7 +517,7 @@ def _record_part(claimed: Claimed, result: SendResult) -> tuple[str, Part]:
     """The move that records one send's outcome, and the status it leads to."""
     tries = claimed.tries + 1
     outcome = result.outcome
-    common = {"delivery_id": claimed.id, "attempt": claimed.attempt}
+    common = {"delivery_id": claimed.id, "school_id": claimed.school_id, "attempt": claimed.attempt}
     # Definite answers are also taken from ``unknown``: the sweeper may have given up on us
     # while the server was slow; a late reply for the same attempt is the truth and settles it.
     definite_from = [S.SUBMITTING, S.UNKNOWN]

@@ -250,6 +250,13 @@ class Sendable(models.Model):
     class Meta:
         abstract = True
         ordering = ["-created_at"]
+        constraints = [
+            # The target of a mailing's composite foreign key (school_id, slip_id or
+            # broadcast_id): what ties a mailing's school to its message's (docs/scaling.md).
+            models.UniqueConstraint(
+                fields=["school", "id"], name="%(app_label)s_%(class)s_school_id_key"
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.title

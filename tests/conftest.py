@@ -13,6 +13,22 @@ from tests import factories
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
+# The marks of the tests that take longest: real processes, a browser, long state machines.
+LONG_RUNNING = ("workers", "browser", "slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with long-running tests first, otherwise in the usual order. With pytest-xdist
+    (a file per process at a time, in collection order) the long files then run beside the
+    many short ones instead of last, one after another, on one process."""
+
+    def long_running(item: pytest.Item) -> bool:
+        return any(item.get_closest_marker(name) for name in LONG_RUNNING)
+
+    long_files = {item.path for item in items if long_running(item)}
+    items.sort(key=lambda item: item.path not in long_files)
+
+
 @pytest.fixture
 def redis_client() -> redis.Redis:
     """The project's Redis database, emptied before the test (it is a test-only database)."""

@@ -151,8 +151,8 @@ def make_mailing(source: Slip | Broadcast, **fields: object) -> Mailing:
     is_slip = isinstance(source, Slip)
     fields.setdefault("subject", source.title)
     fields.setdefault("body", source.body)
+    fields.setdefault("school", source.school)
     return Mailing.objects.create(
-        school=source.school,
         kind=Mailing.Kind.SLIP if is_slip else Mailing.Kind.BROADCAST,
         slip=source if is_slip else None,
         broadcast=None if is_slip else source,

@@ -1,15 +1,19 @@
-"""The school in the send engine's keys (docs/scaling.md, migrations 0011 and 0012).
+"""The school in the send engine's keys (docs/scaling.md, migrations 0011 to 0013).
 
 Every delivery event carries its delivery's school and mailing, written by the move itself
 (checked on each kind of move that writes an event, through the real pipeline), and 0011 fills
 in the events written before it. A delivery's school is its mailing's (a composite foreign
 key), so the fan-out's guard, unique (school, mailing, address), is as strict as (mailing,
-address): a second row for a pair is refused whatever school it claims. 0012 runs backwards
-and forwards again with a guard in force at each step.
+address): a second row for a pair is refused whatever school it claims. Likewise a mailing's
+school is its slip's or broadcast's, so dispatch's guards keyed by school (0013) are as strict
+as before. 0012 and 0013 run backwards and forwards again with a guard in force at each step.
+The per-email statements name the row's school: a claim that names another school moves
+nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import types
 
@@ -19,7 +23,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from notifications import batch, controls, dispatch, sweep, transitions
-from notifications.models import Delivery, DeliveryEvent, DeliveryStatus
+from notifications.mailer import Outcome, SendResult
+from notifications.models import Delivery, DeliveryEvent, DeliveryStatus, Mailing
 from slips.services import message_schedule
 from tests import factories
 
@@ -169,3 +174,79 @@ def test_0012_goes_back_and_forth_with_a_guard_at_every_step(school, redis_clien
             "WHERE c.relname LIKE 'delivery%%' AND NOT i.indisvalid"
         )
         assert cur.fetchone()[0] == 0
+
+
+def _indexes(table: str) -> dict[str, bool]:
+    """The table's unique indexes, each with whether it is valid."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c "
+            "ON c.oid = i.indexrelid WHERE i.indrelid = %s::regclass AND i.indisunique",
+            [table],
+        )
+        return dict(cur.fetchall())
+
+
+def test_a_mailing_carries_its_messages_school_and_one_per_message(school, other_school):
+    slip = factories.make_slip(school=school)
+    broadcast = factories.make_broadcast(school=school)
+    factories.make_mailing(slip)
+    factories.make_mailing(broadcast)
+
+    def mailing(source, owner, round_: int = 0) -> None:
+        factories.make_mailing(source, school=owner, round=round_)
+
+    # Another school's mailing of this school's message.
+    assert _refused(lambda: mailing(slip, other_school, round_=1))
+    assert _refused(lambda: mailing(broadcast, other_school))
+    # A second mailing of the same message (round), whatever school it claims.
+    assert _refused(lambda: mailing(slip, school))
+    assert _refused(lambda: mailing(broadcast, school))
+    mailing(slip, school, round_=1)  # the next round is another mailing
+    assert Mailing.objects.count() == 3
+
+
+GUARDS_0013 = {"mailing_one_per_school_slip_round", "mailing_one_per_school_broadcast"}
+OLD_GUARDS = {"mailing_one_per_slip_round", "mailing_one_per_broadcast"}
+
+
+def test_0013_goes_back_and_forth_with_a_guard_at_every_step(school):
+    migration = importlib.import_module("notifications.migrations.0013_school_in_mailing_keys")
+    slip = factories.make_slip(school=school)
+    factories.make_mailing(slip)
+    keys = {"mailing_slip_same_school", "mailing_broadcast_same_school"}
+    assert keys <= _constraints()
+    assert set(_indexes("notifications_mailing")) >= GUARDS_0013
+    assert not OLD_GUARDS & set(_indexes("notifications_mailing"))
+    with connection.schema_editor(atomic=False) as editor:
+        migration.backwards(None, editor)
+    try:
+        indexes = _indexes("notifications_mailing")
+        assert set(indexes) >= OLD_GUARDS and not GUARDS_0013 & set(indexes)
+        assert not keys & _constraints()
+        assert _refused(lambda: factories.make_mailing(slip))  # the old guard holds meanwhile
+    finally:
+        with connection.schema_editor(atomic=False) as editor:
+            migration.forwards(None, editor)
+    indexes = _indexes("notifications_mailing")
+    assert set(indexes) >= GUARDS_0013 and not OLD_GUARDS & set(indexes)
+    assert all(indexes.values())
+    assert keys <= _constraints()
+
+
+def test_a_claim_naming_another_school_neither_starts_nor_records(
+    school, other_school, redis_client
+):
+    mailing_id = _broadcast(school, families=1)
+    [claim] = transitions.deliveries_claim(limit=1, mailing_id=mailing_id)
+    assert claim.school_id == school.pk
+    elsewhere = dataclasses.replace(claim, school_id=other_school.pk)
+    assert not transitions.delivery_start(claimed=elsewhere)
+    assert Delivery.objects.get(pk=claim.id).status == S.CLAIMED
+    assert transitions.delivery_start(claimed=claim)
+    accepted = SendResult(Outcome.ACCEPTED, "", "q1")
+    assert transitions.delivery_record(claimed=elsewhere, result=accepted) is None
+    refused = SendResult(Outcome.FAILED, "550 no")
+    assert transitions.delivery_record(claimed=elsewhere, result=refused) is None
+    assert Delivery.objects.get(pk=claim.id).status == S.SUBMITTING
+    assert transitions.delivery_record(claimed=claim, result=accepted) == S.SENT

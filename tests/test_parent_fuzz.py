@@ -335,6 +335,7 @@ def test_any_body_with_any_content_type_never_500s(family, browser, data):
     family.check_nothing_foreign_recorded()
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_any_body_past_a_real_csrf_check_never_500s(family, data):

@@ -279,7 +279,9 @@ def test_expired_submit_becomes_unknown_and_late_confirmation_settles_it(school,
         claimed=claim, result=SendResult(Outcome.ACCEPTED, "", "q1")
     )
     assert status == S.SENT
-    stale = transitions.Claimed(claim.id, claim.attempt - 1, 0, claim.mailing_id, "", "", [])
+    stale = transitions.Claimed(
+        claim.id, claim.attempt - 1, 0, claim.mailing_id, claim.school_id, "", "", []
+    )
     assert transitions.delivery_record(claimed=stale, result=SendResult(Outcome.FAILED)) is None
 
 

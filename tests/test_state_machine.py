@@ -544,6 +544,7 @@ class DeliveryMachine(RuleBasedStateMachine):
 
 @pytest.mark.timeout(900)  # a failure is shrunk for up to five minutes
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
 def test_delivery_state_machine(smtp, settings, redis_client, monkeypatch):
     """Run the machine; each example gets empty tables, its own school and two mailings."""
     settings.EMAIL_TIMEOUT = 10  # generous: no ordinary send may time out on a busy machine

@@ -26,112 +26,44 @@ and are tried again, so a long transaction elsewhere delays the migration instea
 every send behind its lock queue.
 """
 
-import time
+from django.db import migrations, models
 
-from django.db import migrations, models, transaction
+from edsmart.online_schema import drop_constraint, foreign_key, unique_constraint
 
 D = "notifications_delivery"
 M = "notifications_mailing"
-LOCK_TRIES = 30
-
-
-def _one(schema_editor, sql: str, params: list | None = None):
-    with schema_editor.connection.cursor() as cur:
-        cur.execute(sql, params or [])
-        return cur.fetchone()
-
-
-def _run(schema_editor, sql: str) -> None:
-    with schema_editor.connection.cursor() as cur:
-        cur.execute(sql)
-
-
-def _briefly_locked(schema_editor, sql: str) -> None:
-    """``sql`` in its own transaction with a 2 s lock timeout, tried until it gets its lock."""
-    from django.db.utils import OperationalError
-
-    for attempt in range(LOCK_TRIES):
-        try:
-            with transaction.atomic(using=schema_editor.connection.alias):
-                _run(schema_editor, "SET LOCAL lock_timeout = '2s'")
-                _run(schema_editor, sql)
-            return
-        except OperationalError:
-            if attempt == LOCK_TRIES - 1:
-                raise
-            time.sleep(1)
-
-
-def _constraint_exists(schema_editor, name: str) -> bool:
-    return (
-        _one(schema_editor, "SELECT count(*) FROM pg_constraint WHERE conname = %s", [name])[0] > 0
-    )
-
-
-def _unique_constraint(schema_editor, *, table: str, name: str, columns: str) -> None:
-    """``UNIQUE (columns)`` named ``name``, its index built concurrently first."""
-    if _constraint_exists(schema_editor, name):
-        return
-    found = _one(
-        schema_editor,
-        "SELECT i.indisvalid FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid "
-        "WHERE c.relname = %s",
-        [name],
-    )
-    if found is not None and not found[0]:
-        _run(schema_editor, f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')  # a failed build
-        found = None
-    if found is None:
-        _run(schema_editor, f'CREATE UNIQUE INDEX CONCURRENTLY "{name}" ON {table} ({columns})')
-    _briefly_locked(
-        schema_editor, f'ALTER TABLE {table} ADD CONSTRAINT "{name}" UNIQUE USING INDEX "{name}"'
-    )
-
-
-def _foreign_key(schema_editor, *, table: str, name: str, columns: str, target: str) -> None:
-    if not _constraint_exists(schema_editor, name):
-        _briefly_locked(
-            schema_editor,
-            f'ALTER TABLE {table} ADD CONSTRAINT "{name}" FOREIGN KEY ({columns}) '
-            f"REFERENCES {target} DEFERRABLE INITIALLY DEFERRED NOT VALID",
-        )
-    _run(schema_editor, f'ALTER TABLE {table} VALIDATE CONSTRAINT "{name}"')
-
-
-def _drop_constraint(schema_editor, *, table: str, name: str) -> None:
-    _briefly_locked(schema_editor, f'ALTER TABLE {table} DROP CONSTRAINT IF EXISTS "{name}"')
 
 
 def forwards(apps, schema_editor) -> None:
-    _unique_constraint(
+    unique_constraint(
         schema_editor, table=M, name="mailing_school_id_key", columns="school_id, id"
     )
-    _foreign_key(
+    foreign_key(
         schema_editor,
         table=D,
         name="delivery_mailing_same_school",
         columns="school_id, mailing_id",
         target=f"{M} (school_id, id)",
     )
-    _unique_constraint(
+    unique_constraint(
         schema_editor,
         table=D,
         name="delivery_one_per_school_mailing_address",
         columns="school_id, mailing_id, email_normalized",
     )
-    _drop_constraint(schema_editor, table=D, name="delivery_one_per_mailing_address")
+    drop_constraint(schema_editor, table=D, name="delivery_one_per_mailing_address")
 
 
 def backwards(apps, schema_editor) -> None:
-    _unique_constraint(
+    unique_constraint(
         schema_editor,
         table=D,
         name="delivery_one_per_mailing_address",
         columns="mailing_id, email_normalized",
     )
-    _drop_constraint(schema_editor, table=D, name="delivery_one_per_school_mailing_address")
-    _drop_constraint(schema_editor, table=D, name="delivery_mailing_same_school")
-    _drop_constraint(schema_editor, table=M, name="mailing_school_id_key")
+    drop_constraint(schema_editor, table=D, name="delivery_one_per_school_mailing_address")
+    drop_constraint(schema_editor, table=D, name="delivery_mailing_same_school")
+    drop_constraint(schema_editor, table=M, name="mailing_school_id_key")
 
 
 class Migration(migrations.Migration):

@@ -1,0 +1,34 @@
+"""Each pytest-xdist worker gets its own Redis database, before Django reads its settings.
+
+The suite runs in two processes (``-n 2`` in pyproject.toml): most of its time is spent
+waiting on real worker processes, SMTP exchanges and PostgreSQL, not on the CPU. pytest-django
+already gives each process its own test database (``test_..._gw0``, ``_gw1``); Redis needs
+the same, because tests empty their database and the rate bucket, fair-share turns and nudges
+live there. Loaded with ``-p`` so that this runs before pytest-django imports the settings,
+which read ``REDIS_URL`` once. Worker ``gwN`` uses the configured database number plus N.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+REDIS_DATABASES = 16  # redis.conf's default "databases 16"
+
+
+def worker_redis_url(url: str, worker: str) -> str:
+    """``url`` with its database number moved up by the worker's index (``gw1`` -> +1)."""
+    parts = urlsplit(url)
+    base = int(parts.path.lstrip("/") or 0)
+    db = base + int(worker.removeprefix("gw"))
+    if db >= REDIS_DATABASES:
+        raise RuntimeError(
+            f"REDIS_URL uses database {base}; xdist worker {worker} would need {db}, past "
+            f"Redis's {REDIS_DATABASES}: choose a lower database number or fewer workers (-n)"
+        )
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+if _worker and os.environ.get("REDIS_URL"):
+    os.environ["REDIS_URL"] = worker_redis_url(os.environ["REDIS_URL"], _worker)
