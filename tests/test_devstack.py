@@ -33,6 +33,7 @@ from django.core import mail as django_mail
 from edsmart.devstack import cli
 from edsmart.devstack.common import free_port, mask_url, port_open
 from edsmart.devstack.mailcatcher import MailCatcher, linkify
+from edsmart.devstack.pytest_workers import BASE_VARIABLE, worker_redis_url
 from edsmart.devstack.services import ensure_database, resolve_services
 from edsmart.devstack.stack import PROCFILE_ROLES, group_members, read_procfile
 from tests.processes import run_python
@@ -432,3 +433,25 @@ def test_run_starts_every_role_and_ctrl_c_stops_them_all(tmp_path: Path) -> None
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         _drop_database(database_url)
+
+
+# --- the suite in two processes ----------------------------------------------------------------
+
+
+def test_each_test_process_gets_its_own_redis_db() -> None:
+    assert worker_redis_url("redis://127.0.0.1:6379/9", "gw0") == "redis://127.0.0.1:6379/9"
+    assert worker_redis_url("redis://127.0.0.1:6379/9", "gw1") == "redis://127.0.0.1:6379/10"
+    assert worker_redis_url("redis://:pw@r:1/0", "gw3") == "redis://:pw@r:1/3"
+    assert worker_redis_url("redis://r:1", "gw1") == "redis://r:1/1"
+    with pytest.raises(RuntimeError, match="past Redis's 16"):
+        worker_redis_url("redis://r:1/15", "gw1")
+
+
+def test_this_process_uses_the_redis_db_of_its_worker() -> None:
+    """Under xdist, the settings Django read already carry this worker's db (the plugin ran
+    before them): on ``gw1`` a db other than the one the run was given."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        pytest.skip("the suite runs in one process (-n 0)")
+    expected = worker_redis_url(os.environ[BASE_VARIABLE], worker)
+    assert settings.REDIS_URL == os.environ["REDIS_URL"] == expected
