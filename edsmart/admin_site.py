@@ -95,11 +95,11 @@ def home_json(home: Home) -> dict[str, Any]:
                 "title": s.title,
                 "school": s.school_name,
                 "status": s.status,
-                "yes": s.yes,
-                "no": s.no,
-                "none": s.none,
-                "total": s.total,
-                "answered_percent": s.answered_percent,
+                "yes": s.answers.yes,
+                "no": s.answers.no,
+                "none": s.answers.none,
+                "total": s.answers.total,
+                "answered_percent": s.answers.answered_percent,
                 "url": _source_url("slip", s.slip_id, "answers"),
             }
             for s in home.recent_slips

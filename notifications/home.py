@@ -32,7 +32,7 @@ from notifications import summaries
 from notifications.models import Alert, DeliveryStatus, Mailing, SendingSwitch
 from notifications.wording import mailing_words
 from slips.models import Broadcast, ReminderRound, SendStatus, Slip
-from slips.selectors import slip_answer_totals
+from slips.selectors import AnswerCounts, slip_answer_totals
 
 S = DeliveryStatus
 
@@ -92,17 +92,7 @@ class SlipAnswers:
     title: str
     school_name: str
     status: str
-    yes: int
-    no: int
-    none: int
-
-    @property
-    def total(self) -> int:
-        return self.yes + self.no + self.none
-
-    @property
-    def answered_percent(self) -> int:
-        return round(100 * (self.yes + self.no) / self.total) if self.total else 0
+    answers: AnswerCounts
 
 
 @dataclass(frozen=True)
@@ -257,16 +247,13 @@ def recent_slips(*, school_ids: Collection[int] | None) -> list[SlipAnswers]:
         slip = slips.get(slip_id)
         if slip is None:
             continue
-        counts = slip_answer_totals(slip=slip)
         found.append(
             SlipAnswers(
                 slip_id=slip.pk,
                 title=slip.title,
                 school_name=slip.school.name,
                 status=slip.get_status_display().lower(),
-                yes=counts.yes,
-                no=counts.no,
-                none=counts.none,
+                answers=slip_answer_totals(slip=slip),
             )
         )
     return found

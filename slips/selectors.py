@@ -36,6 +36,10 @@ class AnswerCounts:
     def total(self) -> int:
         return self.yes + self.no + self.none
 
+    @property
+    def answered_percent(self) -> int:
+        return round(100 * (self.yes + self.no) / self.total) if self.total else 0
+
 
 @dataclass(frozen=True)
 class AnswerSummary:
