@@ -97,17 +97,22 @@ plausible = {
 
 
 @st.composite
-def event_data(draw) -> dict:
+def event_object(draw, fields: list[str], plausible_values: dict) -> dict:
     """An event object: each known field absent, plausible or anything at all, plus extras."""
     data = {}
-    for field in EVENT_FIELDS:
+    for field in fields:
         choice = draw(st.sampled_from(["absent", "plausible", "plausible", "anything"]))
-        if choice == "plausible" and field in plausible:
-            data[field] = draw(plausible[field])
+        if choice == "plausible" and field in plausible_values:
+            data[field] = draw(plausible_values[field])
         elif choice != "absent":
             data[field] = draw(maybe_huge)
     data.update(draw(st.dictionaries(odd_text, json_values, max_size=3)))
     return data
+
+
+def event_data() -> st.SearchStrategy[dict]:
+    """A Mailgun event object."""
+    return event_object(EVENT_FIELDS, plausible)
 
 
 now = int(time.time())
@@ -258,17 +263,9 @@ postmark_plausible = {
 }
 
 
-@st.composite
-def postmark_event(draw) -> dict:
-    data = {}
-    for field in POSTMARK_FIELDS:
-        choice = draw(st.sampled_from(["absent", "plausible", "plausible", "anything"]))
-        if choice == "plausible" and field in postmark_plausible:
-            data[field] = draw(postmark_plausible[field])
-        elif choice != "absent":
-            data[field] = draw(maybe_huge)
-    data.update(draw(st.dictionaries(odd_text, json_values, max_size=3)))
-    return data
+def postmark_event() -> st.SearchStrategy[dict]:
+    """A Postmark event object."""
+    return event_object(POSTMARK_FIELDS, postmark_plausible)
 
 
 def postmark_post(client, body: bytes | str, *, auth: bool, content_type="application/json"):
