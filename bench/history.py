@@ -96,7 +96,6 @@ import io
 import logging
 import re
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -123,6 +122,7 @@ from bench.soak import (  # noqa: E402
     run_in_workdir,
     wait_for,
 )
+from bench.soak import migrate as soak_migrate  # noqa: E402
 
 SERVER_URL = "postgres://postgres@127.0.0.1:5432"
 BUILD_VERSION = 3  # bump when the generator changes: a kept build of another version is rebuilt
@@ -250,17 +250,8 @@ def recreate_and_migrate(name: str, env: dict[str, str]) -> None:
 
 
 def migrate(name: str, env: dict[str, str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
-        env=child_env({**env, "DATABASE_URL": database_url(name)}),
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise BenchError(f"migrate of {name} failed:\n{result.stdout}\n{result.stderr}")
+    # Up to an hour: a migration on the full database may build indexes over 10 M rows.
+    soak_migrate({**env, "DATABASE_URL": database_url(name)}, timeout=3600)
 
 
 def run_sql(sql: str, params: dict[str, Any] | None = None) -> int:

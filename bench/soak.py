@@ -85,7 +85,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edsmart.devstack.common import LOCALHOST, free_port  # noqa: E402
+from edsmart.devstack.common import LOCALHOST, free_port, mask_url  # noqa: E402
 from edsmart.devstack.postgres import PrivatePostgres  # noqa: E402
 
 T = TypeVar("T")
@@ -672,7 +672,7 @@ def roles_env(
     }
 
 
-def migrate(env: dict[str, str]) -> None:
+def migrate(env: dict[str, str], *, timeout: float = 300) -> None:
     """``manage.py migrate`` against the database ``env`` names, in a child process (this
     process may not have Django set up yet, or set up for another database)."""
     done = subprocess.run(
@@ -681,11 +681,12 @@ def migrate(env: dict[str, str]) -> None:
         env=child_env(env),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
     if done.returncode != 0:
-        raise SoakError(f"migrate failed:\n{done.stdout}\n{done.stderr}")
+        database = mask_url(env.get("DATABASE_URL", ""))
+        raise SoakError(f"migrate of {database} failed:\n{done.stdout}\n{done.stderr}")
 
 
 def child_env(env: dict[str, str]) -> dict[str, str]:
