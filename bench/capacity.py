@@ -430,6 +430,7 @@ def run_one(
 
         before = bench.snapshot(database, pids)
         own_before = bench.own_transactions
+        bouncer_before = bouncer.totals().get("total_xact_count", 0) if bouncer else 0
         d_table, b_table = Delivery._meta.db_table, Broadcast._meta.db_table
         due = bench.sql(
             f"UPDATE {b_table} SET send_at = now(), updated_at = now() "  # noqa: S608
@@ -458,6 +459,11 @@ def run_one(
         # CPU of the processes first (they are about to stop); then the roles stop, their
         # backends exit and flush their statistics, and the database's figures are read.
         worker_cpu = {k: tree_cpu(*v) for k, v in pids.items()}
+        # What PgBouncer carried in the window: proof the roles went through it (its CPU is
+        # too small to show in /proc's 10 ms ticks on a short run).
+        bouncer_xacts = (
+            bouncer.totals().get("total_xact_count", 0) - bouncer_before if bouncer else None
+        )
         roles.stop_all()
         if bouncer is not None:
             bouncer.stop()
@@ -511,6 +517,7 @@ def run_one(
         "elapsed_s": round(elapsed, 3),
         "window_s": round(totals.seconds, 3),
         "emails_per_s": round(n / elapsed, 1),
+        "pgbouncer_transactions": bouncer_xacts,
         # Over due -> last recorded: the window also holds the roles' shutdown, which is idle.
         "cpu_utilisation": round(cpu_total / (elapsed * (os.cpu_count() or 1)), 3),
         "totals": {
